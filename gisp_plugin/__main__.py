@@ -1,0 +1,5 @@
+import sys
+
+from gisp_plugin.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""What an architecture adapter provides, and how a model finds its adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+from gisp_plugin.plugins.manager import registered
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's family has no adapter."""
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    """Maps one Hugging Face model family onto prunable structures and compacts it.
+
+    ``model_types`` are the ``config.model_type`` values handled; ``anatomy`` reads the structures
+    off a model; ``decoder_layers`` returns the layer list (sequential calibration walks it);
+    ``compact`` builds the physically smaller model for a ``KeepMask`` and extra output biases.
+    """
+
+    name: str
+    description: str
+    model_types: tuple[str, ...]
+    anatomy: Callable[[PreTrainedModel], ModelAnatomy]
+    decoder_layers: Callable[[PreTrainedModel], nn.ModuleList]
+    compact: Callable[[PreTrainedModel, KeepMask, dict[str, torch.Tensor]], PreTrainedModel]
+
+
+def adapter_for(model: PreTrainedModel) -> ArchitectureAdapter:
+    """The registered adapter for this model's family, or an error naming the supported ones."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    adapters = [entry.item for entry in registered("adapter").values()]
+    for adapter in adapters:
+        if model_type in adapter.model_types:
+            return adapter
+    supported = ", ".join(sorted(t for a in adapters for t in a.model_types))
+    raise UnsupportedArchitectureError(
+        f"model type {model_type!r} is not supported; supported families: {supported}. "
+        "To add one, write a plugin whose gisp_adapters() hook returns an ArchitectureAdapter "
+        "(see README, 'Adding a method or architecture')."
+    )

@@ -1,0 +1,200 @@
+"""The prunable structures of a model, described independently of any pruning method.
+
+A model is a list of decoder layers; each layer holds one or more *structure kinds* (attention heads,
+MLP channels, and whatever an adapter adds later, such as experts). A kind owns, for each of its
+``count`` units, a run of ``width`` rows or columns in some tensors. Everything a method needs to
+score, mask, count or compact structures follows from that declaration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """A tensor whose index ``axis`` is cut into runs of ``width``, one run per structure unit.
+
+    ``path`` is relative to the decoder layer module, e.g. ``"self_attn.q_proj.weight"``.
+    """
+
+    path: str
+    axis: int
+    width: int
+
+    @property
+    def module_path(self) -> str:
+        return self.path.rsplit(".", 1)[0]
+
+    @property
+    def tensor_name(self) -> str:
+        return self.path.rsplit(".", 1)[1]
+
+
+@dataclass(frozen=True)
+class DependentSlice:
+    """A tensor slice that lives as long as any of the units that read it.
+
+    Under grouped-query attention the key/value head ``j`` serves the query heads ``readers[j]``;
+    it disappears only when all of them are pruned.
+    """
+
+    slice: TensorSlice
+    readers: tuple[tuple[int, ...], ...]
+    params_per_unit: int
+
+    def alive(self, keep: torch.Tensor) -> torch.Tensor:
+        """Which dependent units survive, given the keep flags of the owning kind (bool ``[count]``)."""
+        return torch.stack([keep[list(r)].any() for r in self.readers]) if self.readers else keep[:0]
+
+
+@dataclass(frozen=True)
+class StructureKind:
+    """One family of prunable units inside one decoder layer.
+
+    ``block`` names the block type used for block-wise normalisation (``"attention"``, ``"mlp"``).
+    ``owned`` are the slices each unit owns outright (scored and masked with the unit);
+    ``dependents`` are slices shared by several units (masked when all their readers are gone).
+    """
+
+    name: str
+    block: str
+    count: int
+    owned: tuple[TensorSlice, ...]
+    params_per_unit: int
+    dependents: tuple[DependentSlice, ...] = ()
+
+    def params_kept(self, keep: torch.Tensor) -> int:
+        """Parameters this kind still holds when only the units flagged in ``keep`` remain."""
+        kept = int(keep.sum()) * self.params_per_unit
+        for dep in self.dependents:
+            kept += int(dep.alive(keep).sum()) * dep.params_per_unit
+        return kept
+
+    @property
+    def dense_params(self) -> int:
+        return self.params_kept(torch.ones(self.count, dtype=torch.bool))
+
+
+@dataclass(frozen=True)
+class LayerAnatomy:
+    """The structure kinds of one decoder layer and the parameters no method can remove (norms)."""
+
+    index: int
+    prefix: str
+    kinds: dict[str, StructureKind]
+    fixed_params: int
+
+    @property
+    def dense_params(self) -> int:
+        return self.fixed_params + sum(k.dense_params for k in self.kinds.values())
+
+
+@dataclass(frozen=True)
+class ModelAnatomy:
+    """Every decoder layer's prunable structures, with exact parameter accounting.
+
+    Sparsity follows the paper: ``1 - params left in the decoder layers / dense decoder params``;
+    embeddings and the LM head are not counted.
+    """
+
+    adapter: str
+    layers: tuple[LayerAnatomy, ...]
+    kind_names: tuple[str, ...] = field(default=("attn_head", "mlp_channel"))
+
+    @property
+    def dense_params(self) -> int:
+        return sum(layer.dense_params for layer in self.layers)
+
+    def kind(self, layer: int, name: str) -> StructureKind:
+        return self.layers[layer].kinds[name]
+
+    def params_kept(self, keep: KeepMask) -> int:
+        return sum(
+            layer.fixed_params + sum(kind.params_kept(keep[layer.index, name]) for name, kind in layer.kinds.items())
+            for layer in self.layers
+        )
+
+    def sparsity(self, keep: KeepMask) -> float:
+        return 1.0 - self.params_kept(keep) / self.dense_params
+
+    def max_sparsity(self, prunable_layers: list[int] | None = None) -> float:
+        """The sparsity reached when every unit of the given layers (default: all) is pruned."""
+        keep = KeepMask.dense(self)
+        for idx in range(len(self.layers)) if prunable_layers is None else prunable_layers:
+            for name in self.layers[idx].kinds:
+                keep[idx, name] = torch.zeros_like(keep[idx, name])
+        return self.sparsity(keep)
+
+    def units(self) -> list[tuple[int, str]]:
+        """Every (layer, kind) pair, in layer order."""
+        return [(layer.index, name) for layer in self.layers for name in layer.kinds]
+
+
+class KeepMask:
+    """Which units of every (layer, kind) remain: a bool vector per pair.
+
+    This is the one currency in which methods state decisions; masks on the model, compaction,
+    trajectories and saved records are all derived from it.
+    """
+
+    def __init__(self, flags: dict[tuple[int, str], torch.Tensor]):
+        self.flags = {key: value.to(torch.bool).cpu() for key, value in flags.items()}
+
+    @classmethod
+    def dense(cls, anatomy: ModelAnatomy) -> KeepMask:
+        return cls(
+            {
+                (layer.index, name): torch.ones(kind.count, dtype=torch.bool)
+                for layer in anatomy.layers
+                for name, kind in layer.kinds.items()
+            }
+        )
+
+    def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
+        return self.flags[key]
+
+    def __setitem__(self, key: tuple[int, str], value: torch.Tensor) -> None:
+        if key not in self.flags:
+            raise KeyError(f"no structure kind {key[1]!r} in layer {key[0]}")
+        if value.shape != self.flags[key].shape:
+            raise ValueError(
+                f"keep flags for {key} need shape {tuple(self.flags[key].shape)}, got {tuple(value.shape)}"
+            )
+        self.flags[key] = value.to(torch.bool).cpu()
+
+    def copy(self) -> KeepMask:
+        return KeepMask({key: value.clone() for key, value in self.flags.items()})
+
+    def is_subset_of(self, other: KeepMask) -> bool:
+        """True when every unit kept here is also kept in ``other`` (nested subnetworks)."""
+        return not any(bool((value & ~other[key]).any()) for key, value in self.flags.items())
+
+    def num_pruned(self) -> int:
+        return sum(int((~value).sum()) for value in self.flags.values())
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, KeepMask)
+            and self.flags.keys() == other.flags.keys()
+            and all(torch.equal(value, other.flags[key]) for key, value in self.flags.items())
+        )
+
+    def to_json(self) -> dict[str, dict[str, list[int]]]:
+        """Pruned unit indices per layer and kind: compact for the usual case of few pruned units."""
+        out: dict[str, dict[str, list[int]]] = {}
+        for (layer, name), value in sorted(self.flags.items()):
+            out.setdefault(str(layer), {})[name] = (~value).nonzero().flatten().tolist()
+        return out
+
+    @classmethod
+    def from_json(cls, anatomy: ModelAnatomy, data: dict[str, dict[str, list[int]]]) -> KeepMask:
+        keep = cls.dense(anatomy)
+        for layer, kinds in data.items():
+            for name, pruned in kinds.items():
+                flags = keep[int(layer), name].clone()
+                flags[pruned] = False
+                keep[int(layer), name] = flags
+        return keep

@@ -1,0 +1,137 @@
+"""Saving and loading compacted models: a normal HF folder plus the pruning record.
+
+A saved folder holds ``model.safetensors``, ``config.json`` (with ``auto_map`` to the modelling file
+copied beside it, so ``trust_remote_code=True`` loads it without this package), the tokenizer and
+``pruning.json``. Folders are written under a temporary name and renamed when complete, so an
+interrupted save never leaves a half-written model behind. No pickle: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from gisp_plugin.compaction import modeling_gisp_pruned
+from gisp_plugin.compaction.modeling_gisp_pruned import PRUNED_CLASSES
+
+RECORD_FILE = "pruning.json"
+RECORD_FORMAT = "gisp-pruned/1"
+
+
+class CheckpointError(OSError):
+    """A folder that is missing, corrupt, or not a gisp-plugin pruned model."""
+
+
+@dataclass
+class PruningRecord:
+    """How a pruned model came to be: enough to reproduce it and to rebuild it from the dense model."""
+
+    base_model: str
+    method: str
+    options: dict[str, Any]
+    target: float
+    sparsity: float
+    params: dict[str, int]
+    layers: list[dict[str, Any]]
+    pruned_structures: dict[str, dict[str, list[int]]]
+    calibration: str | None = None
+    seed: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    format: str = RECORD_FORMAT
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    gisp_plugin_version: str = field(default_factory=lambda: metadata.version("gisp-plugin"))
+
+
+def count_params(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters of the decoder layers and of the whole model, counted from the real tensors."""
+    unique = {id(p): p for p in model.parameters()}
+    return {
+        "decoder": sum(p.numel() for p in model.model.layers.parameters()),
+        "total": sum(p.numel() for p in unique.values()),
+    }
+
+
+def save_pruned(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, record: PruningRecord) -> Path:
+    """Write a compacted model, its tokenizer and its record to ``out_dir`` (replaced atomically)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.copy(modeling_gisp_pruned.__file__, tmp / "modeling_gisp_pruned.py")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=1))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The pruning record of a saved folder, validated."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no pruned model folder at {str(path)!r}")
+    record_file = path / RECORD_FILE
+    if not record_file.exists():
+        raise CheckpointError(
+            f"{str(path)!r} is not a gisp-plugin pruned model (no {RECORD_FILE}); "
+            "load a dense model with AutoModelForCausalLM.from_pretrained"
+        )
+    try:
+        record = json.loads(record_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{record_file} is corrupt: {err}") from err
+    if record.get("format") != RECORD_FORMAT:
+        raise CheckpointError(f"{record_file} has format {record.get('format')!r}, expected {RECORD_FORMAT!r}")
+    return record
+
+
+def is_pruned_folder(path: str | Path) -> bool:
+    return (Path(path) / RECORD_FILE).exists()
+
+
+def load_pruned(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """Load a folder written by ``save_pruned`` with this package's modelling classes."""
+    path = Path(path)
+    record = read_record(path)
+    try:
+        config_data = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path / 'config.json'} is missing or corrupt: {err}") from err
+    family = config_data.get("pruning_base_model_type")
+    if family not in PRUNED_CLASSES:
+        raise CheckpointError(
+            f"{str(path)!r} has config model_type {config_data.get('model_type')!r}, "
+            f"not a gisp-plugin pruned family ({', '.join(PRUNED_CLASSES)})"
+        )
+    weights = list(path.glob("*.safetensors"))
+    if not weights:
+        raise CheckpointError(f"{str(path)!r} has no safetensors weights")
+    _, model_cls = PRUNED_CLASSES[family]
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = model_cls.from_pretrained(path, **kwargs)
+    except Exception as err:  # safetensors/transformers raise many types for damaged files
+        raise CheckpointError(f"could not load the pruned model in {str(path)!r}: {err}") from err
+    expected = record["params"]["decoder"]
+    actual = count_params(model)["decoder"]
+    if actual != expected:
+        raise CheckpointError(f"{str(path)!r} holds {actual} decoder parameters, its record says {expected}")
+    return model.to(device).eval()

@@ -1,0 +1,43 @@
+"""The ``gisp`` command line: one subcommand per module in ``COMMANDS``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+COMMANDS = (
+    "gisp_plugin.cli.methods_cmd",
+    "gisp_plugin.cli.prune_cmd",
+)
+
+
+class UserError(Exception):
+    """A problem with the user's request, reported as one line without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gisp", description="Structured pruning of LLMs: pick methods by name, prune, evaluate, compare."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module_name in COMMANDS:
+        importlib.import_module(module_name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args) or 0
+    except (UserError, ValueError, LookupError, OSError) as err:
+        if args.verbose:
+            raise
+        print(f"gisp {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gisp {args.command}: interrupted; finished results are kept", file=sys.stderr)
+        return 130

@@ -1,0 +1,116 @@
+"""Turning structure scores into decisions: one global ranking, or the same ratio in every layer.
+
+Scores are a dict ``(layer, kind) -> float tensor [units]``; a unit scored ``+inf`` is never pruned.
+Both allocators count parameters exactly as the anatomy does, including key/value heads that go
+when the last query head reading them goes, so targets mean the paper's parameter sparsity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+
+Scores = dict[tuple[int, str], torch.Tensor]
+
+
+class UnreachableTargetError(ValueError):
+    """The unprotected structures cannot give the requested sparsity."""
+
+
+def _removal_params(anatomy: ModelAnatomy, keys: list[tuple[int, str]], offsets: list[int], order: torch.Tensor):
+    """Parameters freed by removing each unit, when units are removed in ``order`` (flat indices)."""
+    total = offsets[-1]
+    position = torch.empty(total, dtype=torch.long)
+    position[order] = torch.arange(total)
+    freed = torch.zeros(total, dtype=torch.float64)
+    for key, start, stop in zip(keys, offsets[:-1], offsets[1:], strict=True):
+        kind = anatomy.kind(*key)
+        freed[start:stop] += kind.params_per_unit
+        for dep in kind.dependents:
+            for readers in dep.readers:
+                flat = torch.tensor(readers, dtype=torch.long) + start
+                last = flat[position[flat].argmax()]  # the reader removed last frees the shared slice
+                freed[last] += dep.params_per_unit
+    return freed[order]
+
+
+def prune_lowest_globally(anatomy: ModelAnatomy, scores: Scores, target: float) -> KeepMask:
+    """Prune the lowest-scoring units across all layers and kinds until sparsity is closest to ``target``.
+
+    Ties are broken by position (layer, kind, index), so the decision is deterministic.
+    """
+    keys = sorted(scores)
+    flat = torch.cat([scores[key].detach().double().cpu().flatten() for key in keys])
+    offsets = [0]
+    for key in keys:
+        offsets.append(offsets[-1] + scores[key].numel())
+    order = torch.sort(flat, stable=True).indices
+    freed = _removal_params(anatomy, keys, offsets, order).cumsum(0)
+    prunable = int(torch.isfinite(flat[order]).sum())  # +inf (protected) units are never removed
+
+    dense = anatomy.dense_params
+    needed = target * dense
+    if prunable == 0 or freed[prunable - 1] < needed - 0.5 * _largest_unit(anatomy):
+        reachable = float(freed[prunable - 1]) / dense if prunable else 0.0
+        raise UnreachableTargetError(
+            f"sparsity {target} is above what the unprotected structures can give ({reachable:.3f})"
+        )
+    k = int(torch.searchsorted(freed[:prunable], torch.tensor(needed, dtype=torch.float64)))
+    k = min(k, prunable - 1)
+    count = k + 1  # units removed: first prefix reaching the target
+    if count > 1 and abs(freed[count - 2] - needed) < abs(freed[count - 1] - needed):
+        count -= 1
+
+    keep_flat = torch.ones(offsets[-1], dtype=torch.bool)
+    keep_flat[order[:count]] = False
+    return KeepMask({key: keep_flat[a:b] for key, a, b in zip(keys, offsets[:-1], offsets[1:], strict=True)})
+
+
+def _largest_unit(anatomy: ModelAnatomy) -> int:
+    return max(kind.params_per_unit for layer in anatomy.layers for kind in layer.kinds.values())
+
+
+def keep_uniform_ratio(anatomy: ModelAnatomy, scores: Scores, ratio: float, layers: list[int]) -> KeepMask:
+    """In each listed layer, prune ``round(ratio * count)`` lowest-scoring units of every kind."""
+    keep = KeepMask.dense(anatomy)
+    for layer in layers:
+        for name, kind in anatomy.layers[layer].kinds.items():
+            n_prune = min(kind.count, round(ratio * kind.count))
+            flags = torch.ones(kind.count, dtype=torch.bool)
+            flags[torch.sort(scores[layer, name].detach().double().cpu(), stable=True).indices[:n_prune]] = False
+            keep[layer, name] = flags
+    return keep
+
+
+def uniform_ratio_for_target(anatomy: ModelAnatomy, target: float, layers: list[int]) -> float:
+    """The per-layer ratio that, applied to ``layers`` only, gives the sparsity closest to ``target``.
+
+    Local methods (Wanda-sp, LLM-Pruner) prune the same fraction everywhere; when some layers are
+    kept whole, the others must lose more to reach a model-level target.
+    """
+    if not layers:
+        raise UnreachableTargetError("no prunable layers")
+    full = anatomy.max_sparsity(layers)
+    if target > full + 1e-9:
+        raise UnreachableTargetError(
+            f"sparsity {target} is above what layers {layers[0]}..{layers[-1]} give ({full:.3f})"
+        )
+    ratio = min(1.0, target / full)
+    # Rounding to whole units per layer makes the achieved value step-wise; search the nearby steps.
+    best, best_gap = ratio, math.inf
+    counts = sorted({kind.count for i in layers for kind in anatomy.layers[i].kinds.values()})
+    candidates = {ratio} | {round(ratio * c) / c for c in counts} | {(round(ratio * c) + 1) / c for c in counts}
+    for candidate in sorted(c for c in candidates if 0 <= c <= 1):
+        keep = KeepMask.dense(anatomy)
+        for i in layers:
+            for name, kind in anatomy.layers[i].kinds.items():
+                flags = torch.ones(kind.count, dtype=torch.bool)
+                flags[: min(kind.count, round(candidate * kind.count))] = False
+                keep[i, name] = flags
+        gap = abs(anatomy.sparsity(keep) - target)
+        if gap < best_gap:
+            best, best_gap = candidate, gap
+    return best

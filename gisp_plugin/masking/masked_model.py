@@ -1,0 +1,66 @@
+"""A dense model that temporarily computes a subnetwork: keep masks plus extra output biases.
+
+Methods work on this view: they apply a ``KeepMask`` (and, like FLAP, biases added to output
+projections), measure the model, and move on; ``release`` gives the dense model back untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+from gisp_plugin.masking.sparsifier import StructureSparsifier
+
+
+class MaskedModel:
+    """Keep masks and extra biases on a live model, removable without a trace."""
+
+    def __init__(self, model: nn.Module, anatomy: ModelAnatomy):
+        self.model = model
+        self.anatomy = anatomy
+        self.sparsifier = StructureSparsifier(anatomy)
+        self.sparsifier.prepare(model)
+        self.extra_biases: dict[str, torch.Tensor] = {}
+        self._bias_hooks: list[RemovableHandle] = []
+
+    @property
+    def keep(self) -> KeepMask:
+        return self.sparsifier.keep
+
+    def apply(self, keep: KeepMask, extra_biases: dict[str, torch.Tensor] | None = None) -> None:
+        """Compute the subnetwork ``keep``; ``extra_biases`` maps module paths to added output biases."""
+        self.sparsifier.apply(keep)
+        self.set_extra_biases(extra_biases or {})
+
+    def set_extra_biases(self, extra_biases: dict[str, torch.Tensor]) -> None:
+        for handle in self._bias_hooks:
+            handle.remove()
+        self._bias_hooks = []
+        self.extra_biases = {path: bias.detach() for path, bias in extra_biases.items()}
+        for path, bias in self.extra_biases.items():
+            module = self.model.get_submodule(path)
+            self._bias_hooks.append(module.register_forward_hook(_add_bias(bias)))
+
+    def sparsity(self, keep: KeepMask | None = None) -> float:
+        return self.anatomy.sparsity(self.keep if keep is None else keep)
+
+    def release(self) -> nn.Module:
+        """Remove masks and biases; the model is dense again."""
+        self.set_extra_biases({})
+        self.sparsifier.restore_dense()
+        return self.model
+
+    def __enter__(self) -> MaskedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _add_bias(bias: torch.Tensor):
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return output + bias.to(device=output.device, dtype=output.dtype)
+
+    return hook

