@@ -160,9 +160,7 @@ class KeepMask:
         if key not in self.flags:
             raise KeyError(f"no structure kind {key[1]!r} in layer {key[0]}")
         if value.shape != self.flags[key].shape:
-            raise ValueError(
-                f"keep flags for {key} need shape {tuple(self.flags[key].shape)}, got {tuple(value.shape)}"
-            )
+            raise ValueError(f"keep flags for {key} need shape {tuple(self.flags[key].shape)}, got {tuple(value.shape)}")
         self.flags[key] = value.to(torch.bool).cpu()
 
     def copy(self) -> KeepMask:

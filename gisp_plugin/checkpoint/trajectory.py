@@ -33,9 +33,7 @@ class Trajectory:
         """Add the next step; ``keep`` must be nested in the previous step's subnetwork."""
         step = len(self.steps)
         if not self.pruned_at:
-            self.pruned_at = {
-                key: torch.full(flags.shape, NEVER, dtype=torch.long) for key, flags in keep.flags.items()
-            }
+            self.pruned_at = {key: torch.full(flags.shape, NEVER, dtype=torch.long) for key, flags in keep.flags.items()}
         for key, flags in keep.flags.items():
             at = self.pruned_at[key]
             if bool((flags & (at != NEVER)).any()):

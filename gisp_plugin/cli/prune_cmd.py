@@ -15,7 +15,7 @@ from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationRequest
 from gisp_plugin.methods.options import parse_assignments
 from gisp_plugin.models.loading import DEFAULT_MODEL, load_model
-from gisp_plugin.pruning import compact_subnetwork, pruning_record, resolve_method, run_method
+from gisp_plugin.pruning import check_targets, compact_subnetwork, pruning_record, resolve_method, run_method
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,8 @@ def calibration_request(spec, args: argparse.Namespace) -> CalibrationRequest | 
 
 def run(args: argparse.Namespace) -> int:
     options = parse_assignments(args.option)
-    spec, parsed = resolve_method(args.method, options)  # fail on a bad name or option before loading anything
+    spec, parsed = resolve_method(args.method, options)  # fail on a bad name, option or target before loading anything
+    check_targets(args.sparsity, reachable=1.0)
     if args.trajectory_only and not spec.nested:
         raise ValueError(f"method {args.method!r} is not nested; --trajectory-only needs a nested method")
     request = calibration_request(spec, args)

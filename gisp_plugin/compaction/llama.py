@@ -24,11 +24,12 @@ def _rows(units: torch.Tensor, width: int) -> torch.Tensor:
     return (units[:, None] * width + torch.arange(width)[None, :]).flatten()
 
 
-def _with_extra(bias: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
+def _with_extra(bias: torch.Tensor | None, extra: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """The dense bias plus a method's extra bias, in the projection's dtype and device."""
     if extra is None:
         return bias
-    extra = extra.detach()
-    return extra.clone() if bias is None else bias + extra.to(bias.dtype)
+    extra = extra.detach().to(device=like.device, dtype=like.dtype)
+    return extra.clone() if bias is None else bias + extra
 
 
 def _compact_layer(
@@ -55,8 +56,12 @@ def _compact_layer(
         "mlp.gate_proj.weight": t(mlp.gate_proj, "weight")[channels],
         "mlp.up_proj.weight": t(mlp.up_proj, "weight")[channels],
         "mlp.down_proj.weight": t(mlp.down_proj, "weight")[:, channels],
-        "self_attn.o_proj.bias": _with_extra(t(attn.o_proj, "bias"), extra.get(f"{prefix}.self_attn.o_proj")),
-        "mlp.down_proj.bias": _with_extra(t(mlp.down_proj, "bias"), extra.get(f"{prefix}.mlp.down_proj")),
+        "self_attn.o_proj.bias": _with_extra(
+            t(attn.o_proj, "bias"), extra.get(f"{prefix}.self_attn.o_proj"), t(attn.o_proj, "weight")
+        ),
+        "mlp.down_proj.bias": _with_extra(
+            t(mlp.down_proj, "bias"), extra.get(f"{prefix}.mlp.down_proj"), t(mlp.down_proj, "weight")
+        ),
     }
     qkv_bias = attn.q_proj.bias is not None
     if qkv_bias:
@@ -112,9 +117,7 @@ def compact_llama_family(
     extra = extra_biases or {}
     specs, state = [], {}
     for idx, layer in enumerate(model.model.layers):
-        spec, tensors = _compact_layer(
-            layer, keep[idx, ATTN_HEAD], keep[idx, MLP_CHANNEL], extra, f"model.layers.{idx}"
-        )
+        spec, tensors = _compact_layer(layer, keep[idx, ATTN_HEAD], keep[idx, MLP_CHANNEL], extra, f"model.layers.{idx}")
         specs.append(spec)
         state.update({f"model.layers.{idx}.{key}": value for key, value in tensors.items()})
     for key, value in model.state_dict().items():

@@ -10,6 +10,8 @@ contributes only its output bias, if it has one.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
@@ -105,9 +107,7 @@ class PrunedAttention(nn.Module):
             key = key.index_select(1, self._kv_index_on(key.device))
             value = value.index_select(1, self._kv_index_on(key.device))
 
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         output, weights = attention_interface(
             self,
             query,
@@ -140,9 +140,11 @@ class PrunedMLP(nn.Module):
 
 def install_pruned_layers(model: nn.Module, config) -> None:
     """Replace each decoder layer's attention and MLP by pruned modules sized from ``config.pruned_layers``."""
-    for idx, (layer, spec) in enumerate(zip(model.model.layers, config.pruned_layers, strict=True)):
-        layer.self_attn = PrunedAttention(config, idx, spec)
-        layer.mlp = PrunedMLP(config, spec)
+    with warnings.catch_warnings():  # a fully pruned block has zero-size weights; initialising them is a no-op
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        for idx, (layer, spec) in enumerate(zip(model.model.layers, config.pruned_layers, strict=True)):
+            layer.self_attn = PrunedAttention(config, idx, spec)
+            layer.mlp = PrunedMLP(config, spec)
 
 
 class _PrunedConfigMixin:

@@ -42,9 +42,7 @@ class CalibrationBatch:
     polarity: torch.Tensor  # [batch], +1 / -1 for multiple-choice options, 0 otherwise
 
     def to(self, device: torch.device | str) -> CalibrationBatch:
-        return CalibrationBatch(
-            *(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.polarity))
-        )
+        return CalibrationBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.polarity)))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

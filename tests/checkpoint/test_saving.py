@@ -1,0 +1,117 @@
+"""Saved pruned models reload exactly, with this package and with plain transformers."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gisp_plugin.adapters.api import adapter_for
+from gisp_plugin.anatomy.structures import KeepMask
+from gisp_plugin.checkpoint.saving import CheckpointError, PruningRecord, count_params, load_pruned, read_record, save_pruned
+from gisp_plugin.checkpoint.trajectory import NotNestedError, Trajectory
+from gisp_plugin.masking.masked_model import MaskedModel
+from tests.tiny import random_ids, tiny_model
+
+
+def _pruned(family: str, seed: int = 0):
+    model = tiny_model(family)
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    keep = KeepMask.dense(anatomy)
+    generator = torch.Generator().manual_seed(seed)
+    for key in keep.flags:
+        keep[key] = torch.rand(keep[key].shape, generator=generator) < 0.6
+    biases = {"model.layers.1.mlp.down_proj": torch.randn(model.config.hidden_size, generator=generator)}
+    compact = adapter.compact(model, keep, biases)
+    record = PruningRecord(
+        base_model="tiny",
+        method="test",
+        options={},
+        target=0.4,
+        sparsity=anatomy.sparsity(keep),
+        params=count_params(compact),
+        layers=compact.config.pruned_layers,
+        pruned_structures=keep.to_json(),
+    )
+    return model, compact, keep, biases, record
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_reload_equals_saved(tmp_path, tokenizer, family):
+    _, compact, _, _, record = _pruned(family)
+    folder = save_pruned(compact, tokenizer, tmp_path / "m", record)
+    assert {"model.safetensors", "config.json", "pruning.json", "modeling_gisp_pruned.py", "tokenizer.json"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt")), "no pickle files"
+    ids = random_ids()
+    reloaded = load_pruned(folder)
+    plain = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        expected = compact(ids).logits
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=1e-5, atol=1e-6)
+    saved = compact.state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in reloaded.state_dict().items())
+    assert read_record(folder)["pruned_structures"] == record.pruned_structures
+
+
+def test_errors_for_missing_foreign_and_corrupt_folders(tmp_path, tokenizer):
+    with pytest.raises(CheckpointError, match="no pruned model folder"):
+        load_pruned(tmp_path / "nope")
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "dense")
+    with pytest.raises(CheckpointError, match="not a gisp-plugin pruned model"):
+        load_pruned(tmp_path / "dense")
+    _, compact, _, _, record = _pruned("llama")
+    folder = save_pruned(compact, tokenizer, tmp_path / "m", record)
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "pruning.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_pruned(broken)
+    shutil.copy(folder / "pruning.json", broken / "pruning.json")
+    (broken / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="could not load"):
+        load_pruned(broken)
+    record_data = json.loads((folder / "pruning.json").read_text())
+    record_data["params"]["decoder"] += 1
+    (folder / "pruning.json").write_text(json.dumps(record_data))
+    with pytest.raises(CheckpointError, match="decoder parameters"):
+        load_pruned(folder)
+
+
+def test_save_replaces_atomically_and_leaves_no_partial(tmp_path, tokenizer):
+    _, compact, _, _, record = _pruned("qwen2")
+    save_pruned(compact, tokenizer, tmp_path / "m", record)
+    save_pruned(compact, tokenizer, tmp_path / "m", record)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_trajectory_rebuilds_every_step_from_the_dense_model(tmp_path):
+    model = tiny_model("mistral")
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    trajectory = Trajectory()
+    keep = KeepMask.dense(anatomy)
+    generator = torch.Generator().manual_seed(0)
+    steps = []
+    for step in range(4):
+        for key in keep.flags:
+            keep[key] = keep[key] & (torch.rand(keep[key].shape, generator=generator) < 0.8)
+        trajectory.record(keep, anatomy.sparsity(keep), loss=float(step))
+        steps.append(keep.copy())
+    trajectory.save(tmp_path / "trajectory.json")
+    loaded = Trajectory.load(tmp_path / "trajectory.json", anatomy)
+    ids = random_ids()
+    for step, expected_keep in enumerate(steps):
+        rebuilt = loaded.keep_at(step)
+        assert rebuilt == expected_keep
+        with MaskedModel(model, anatomy) as masked, torch.no_grad():
+            masked.apply(expected_keep)
+            torch.testing.assert_close(adapter.compact(model, rebuilt, {})(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert loaded.step_closest_to(anatomy.sparsity(steps[2])) == 2
+    with pytest.raises(NotNestedError):
+        loaded.record(KeepMask.dense(anatomy), 0.0)

@@ -1,0 +1,83 @@
+"""`gisp prune` and `gisp methods` end to end on a tiny saved model, and their errors."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gisp_plugin.cli import main
+from gisp_plugin.masking.masked_model import MaskedModel
+from gisp_plugin.pruning import run_method
+from tests.tiny import random_ids, tiny_model
+
+
+@pytest.fixture(scope="module")
+def dense_folder(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("dense") / "tiny-mistral"
+    tiny_model("mistral").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_methods_lists_plugin_version_and_description(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "magnitude  gisp_plugin.methods.magnitude" in out
+    assert "Global L2 norm" in out
+
+
+def test_prune_writes_one_model_per_target_and_trajectory(tmp_path, dense_folder, capsys):
+    out = tmp_path / "out"
+    code = main(["prune", "--model", str(dense_folder), "--method", "magnitude", "--sparsity", "0.2,0.4", "--out", str(out)])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "magnitude-s0.20",
+        "magnitude-s0.40",
+        "run.json",
+        "trajectory.json",
+    ]
+    dense = AutoModelForCausalLM.from_pretrained(dense_folder)
+    expected = list(run_method(dense, None, "magnitude", [0.2, 0.4]))
+    ids = random_ids()
+    for subnetwork in expected:
+        folder = out / f"magnitude-s{subnetwork.target:.2f}"
+        record = json.loads((folder / "pruning.json").read_text())
+        assert record["method"] == "magnitude" and record["target"] == subnetwork.target
+        assert abs(record["sparsity"] - subnetwork.target) < 0.02
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        with MaskedModel(dense, _anatomy(dense)) as masked, torch.no_grad():
+            masked.apply(subnetwork.keep)
+            torch.testing.assert_close(reloaded(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-5)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["target"] for line in lines] == [0.2, 0.4]
+
+
+def _anatomy(model):
+    from gisp_plugin.adapters.api import adapter_for
+
+    return adapter_for(model).anatomy(model)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--method", "gsip", "--sparsity", "0.2"], "unknown method 'gsip'; available:"),
+        (["--method", "magnitude", "--sparsity", "1.5"], "outside (0, 1)"),
+        (["--method", "magnitude", "--sparsity", "0.9995"], "above what the prunable layers can give"),
+        (["--method", "magnitude", "--sparsity", "0.2", "-o", "steps=2"], "unknown option 'steps'"),
+        (["--method", "magnitude", "--sparsity", "0.2", "--model", "/no/such/folder"], "no model folder"),
+        (["--method", "magnitude", "--sparsity", "0.2", "--model", "meta-llama/Llama-2-7b-hf"], "Hugging Face Hub"),
+    ],
+)
+def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, dense_folder, capsys, args, message):
+    out = tmp_path / "out"
+    full = ["prune", "--model", str(dense_folder), "--out", str(out), *args]
+    assert main(full) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [
+        f"gisp prune: error: {err.split('error: ')[1].strip()}"
+    ]
+    assert "Traceback" not in err
+    assert not out.exists()

@@ -1,0 +1,139 @@
+"""Compacted models compute exactly what the masked model computes, for many random mask patterns."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gisp_plugin.adapters.api import adapter_for
+from gisp_plugin.anatomy.structures import KeepMask
+from gisp_plugin.checkpoint.saving import count_params
+from gisp_plugin.masking.masked_model import MaskedModel
+from tests.tiny import random_ids, tiny_model
+
+MODELS = {(family, attn): tiny_model(family, attn=attn) for family in ("llama", "mistral", "qwen2") for attn in ("eager", "sdpa")}
+
+
+def random_keep(anatomy, seed: int, p_keep: float, empty_layer: int | None, empty_kind: str) -> KeepMask:
+    generator = torch.Generator().manual_seed(seed)
+    keep = KeepMask.dense(anatomy)
+    for key in keep.flags:
+        keep[key] = torch.rand(keep[key].shape, generator=generator) < p_keep
+    if empty_layer is not None:
+        keep[empty_layer, empty_kind] = torch.zeros_like(keep[empty_layer, empty_kind])
+    return keep
+
+
+def random_biases(model, seed: int, layers: list[int]) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    hidden = model.config.hidden_size
+    out = {}
+    for i in layers:
+        out[f"model.layers.{i}.self_attn.o_proj"] = torch.randn(hidden, generator=generator)
+        out[f"model.layers.{i}.mlp.down_proj"] = torch.randn(hidden, generator=generator)
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    family=st.sampled_from(["llama", "mistral", "qwen2"]),
+    attn=st.sampled_from(["eager", "sdpa"]),
+    seed=st.integers(0, 10_000),
+    p_keep=st.sampled_from([0.1, 0.4, 0.7, 0.95]),
+    empty_layer=st.sampled_from([None, 0, 1, 2]),
+    empty_kind=st.sampled_from(["attn_head", "mlp_channel"]),
+    bias_layers=st.sampled_from([[], [0], [1, 2]]),
+)
+def test_compacted_equals_masked(family, attn, seed, p_keep, empty_layer, empty_kind, bias_layers):
+    model = MODELS[family, attn]
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    keep = random_keep(anatomy, seed, p_keep, empty_layer, empty_kind)
+    biases = random_biases(model, seed, bias_layers)
+    ids = random_ids(2, 10, seed)
+    with MaskedModel(model, anatomy) as masked, torch.no_grad():
+        masked.apply(keep, biases)
+        expected = model(ids).logits
+        compact = adapter.compact(model, keep, biases)
+        got = compact(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert count_params(compact)["decoder"] == anatomy.params_kept(keep) + _added_bias_params(model, biases)
+
+
+def _added_bias_params(model, biases: dict[str, torch.Tensor]) -> int:
+    """Extra biases only add parameters where the dense projection had no bias of its own."""
+    return sum(b.numel() for path, b in biases.items() if model.get_submodule(path).bias is None)
+
+
+def _keep_heads(anatomy, heads_per_layer: dict[int, list[int]]) -> KeepMask:
+    keep = KeepMask.dense(anatomy)
+    for layer, heads in heads_per_layer.items():
+        flags = torch.zeros(anatomy.kind(layer, "attn_head").count, dtype=torch.bool)
+        flags[heads] = True
+        keep[layer, "attn_head"] = flags
+    return keep
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_uneven_gqa_groups_use_the_gather_path(attn):
+    model = MODELS["mistral", attn]
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    # layer 0: kv head 0 serves 3 query heads, kv head 1 serves 1; layer 1: equal groups of 2; layer 2: one kv head
+    keep = _keep_heads(anatomy, {0: [0, 1, 2, 4], 1: [0, 1, 4, 5], 2: [5, 6]})
+    compact = adapter.compact(model, keep, {})
+    attns = [layer.self_attn for layer in compact.model.layers]
+    assert [a.gather_kv for a in attns] == [True, False, False]
+    assert [a.num_key_value_groups for a in attns] == [1, 2, 2]
+    assert attns[0].kv_map == [0, 0, 0, 1] and attns[2].num_kv_heads == 1
+    ids = random_ids(2, 20)  # longer than the sliding window (16)
+    with MaskedModel(model, anatomy) as masked, torch.no_grad():
+        masked.apply(keep)
+        torch.testing.assert_close(compact(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_generate_same_tokens_with_kv_cache(family):
+    model = MODELS[family, "sdpa"]
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    keep = random_keep(anatomy, 3, 0.6, empty_layer=0, empty_kind="attn_head")  # layer 0 without attention
+    ids = random_ids(1, 6, 5)
+    with MaskedModel(model, anatomy) as masked:
+        masked.apply(keep)
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    compact = adapter.compact(model, keep, {})
+    got = compact.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    assert torch.equal(got, expected)
+    assert got.shape[1] == 18
+
+
+def test_bfloat16_compaction_matches_masked():
+    model = tiny_model("qwen2", attn="sdpa").to(torch.bfloat16)
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    keep = random_keep(anatomy, 7, 0.5, None, "attn_head")
+    ids = random_ids(2, 10)
+    with MaskedModel(model, anatomy) as masked, torch.no_grad():
+        masked.apply(keep, random_biases(model, 1, [1]))
+        expected = model(ids).logits
+        compact = adapter.compact(model, keep, masked.extra_biases)
+        got = compact(ids).logits
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_release_restores_dense_model_exactly():
+    model = tiny_model("qwen2")
+    anatomy = adapter_for(model).anatomy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = random_ids()
+    with torch.no_grad():
+        dense_logits = model(ids).logits
+    with MaskedModel(model, anatomy) as masked:
+        masked.apply(random_keep(anatomy, 1, 0.3, 1, "mlp_channel"), random_biases(model, 1, [0]))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense_logits)
