@@ -55,9 +55,7 @@ def prune_lowest_globally(anatomy: ModelAnatomy, scores: Scores, target: float) 
     needed = target * dense
     if prunable == 0 or freed[prunable - 1] < needed - 0.5 * _largest_unit(anatomy):
         reachable = float(freed[prunable - 1]) / dense if prunable else 0.0
-        raise UnreachableTargetError(
-            f"sparsity {target} is above what the unprotected structures can give ({reachable:.3f})"
-        )
+        raise UnreachableTargetError(f"sparsity {target} is above what the unprotected structures can give ({reachable:.3f})")
     k = int(torch.searchsorted(freed[:prunable], torch.tensor(needed, dtype=torch.float64)))
     k = min(k, prunable - 1)
     count = k + 1  # units removed: first prefix reaching the target
@@ -95,9 +93,7 @@ def uniform_ratio_for_target(anatomy: ModelAnatomy, target: float, layers: list[
         raise UnreachableTargetError("no prunable layers")
     full = anatomy.max_sparsity(layers)
     if target > full + 1e-9:
-        raise UnreachableTargetError(
-            f"sparsity {target} is above what layers {layers[0]}..{layers[-1]} give ({full:.3f})"
-        )
+        raise UnreachableTargetError(f"sparsity {target} is above what layers {layers[0]}..{layers[-1]} give ({full:.3f})")
     ratio = min(1.0, target / full)
     # Rounding to whole units per layer makes the achieved value step-wise; search the nearby steps.
     best, best_gap = ratio, math.inf

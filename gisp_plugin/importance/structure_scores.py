@@ -39,17 +39,13 @@ def kind_scores(
     return total
 
 
-def model_scores(
-    model: nn.Module, anatomy: ModelAnatomy, element_score: Callable[[str, torch.Tensor], torch.Tensor]
-) -> Scores:
+def model_scores(model: nn.Module, anatomy: ModelAnatomy, element_score: Callable[[str, torch.Tensor], torch.Tensor]) -> Scores:
     """``kind_scores`` for every (layer, kind) of the model; paths passed on are full tensor paths."""
     scores: Scores = {}
     for layer in anatomy.layers:
         module = model.get_submodule(layer.prefix)
         for name, kind in layer.kinds.items():
-            scores[layer.index, name] = kind_scores(
-                module, kind, lambda path, t, p=layer.prefix: element_score(f"{p}.{path}", t)
-            )
+            scores[layer.index, name] = kind_scores(module, kind, lambda path, t, p=layer.prefix: element_score(f"{p}.{path}", t))
     return scores
 
 
