@@ -1,0 +1,195 @@
+"""Dense vs compacted prefill speed and peak memory at several sparsities.
+
+Prunes with ``magnitude`` (the speed of a compacted model depends on its shapes, not on the method),
+compacts, and times a no-grad prefill of ``batch x seqlen`` tokens. The speedup is compared with the
+parameter-count bound: (dense decoder + LM-head params) / (pruned decoder + LM-head params), the FLOP
+ratio of the matrix products. On CPU each model is measured in a fresh subprocess so peak RSS belongs
+to that model alone; on CUDA, with the allocator's peak statistics.
+
+    python benchmarks/compaction.py --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from gisp_plugin.checkpoint.saving import load_pruned, save_pruned
+from gisp_plugin.harness.memory import PeakMemory
+from gisp_plugin.methods.api import NoOptions
+from gisp_plugin.models.loading import load_model, parse_dtype
+from gisp_plugin.pruning import compact_subnetwork, pruning_record, run_method
+
+RANDOM_LLAMA = dict(  # a mid-size Llama-2-style config with GQA, enough to show shapes matter
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+)
+
+
+def lm_head_params(model: torch.nn.Module) -> int:
+    return model.lm_head.weight.numel()
+
+
+def time_prefill(model, batch: int, seqlen: int, repeats: int) -> float:
+    """Median tokens/s of a no-grad forward over ``batch x seqlen`` random tokens."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(ids, use_cache=False)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:  # the first run warms up
+                times.append(time.perf_counter() - start)
+    return batch * seqlen / statistics.median(times)
+
+
+def measure(model, batch: int, seqlen: int, repeats: int) -> dict:
+    """Tokens/s and peak memory of a prefill; memory is the process peak (CPU) or allocator peak (CUDA)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    with PeakMemory(model) as memory:
+        tokens_per_s = time_prefill(model, batch, seqlen, repeats)
+    return {"tokens_per_s": tokens_per_s, "peak_memory_bytes": memory.peak_bytes, "weights_bytes": weights}
+
+
+def measure_folder_in_subprocess(folder: Path, args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--measure-folder",
+        str(folder),
+        "--batch",
+        str(args.batch),
+        "--seqlen",
+        str(args.seqlen),
+        "--repeats",
+        str(args.repeats),
+        "--dtype",
+        args.dtype,
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Subprocess entry: load one saved model and print its measurement as JSON."""
+    torch.set_num_threads(args.threads)
+    folder = Path(args.measure_folder)
+    dtype = parse_dtype(args.dtype)
+    if (folder / "pruning.json").exists():
+        model = load_pruned(folder, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    print(json.dumps(measure(model, args.batch, args.seqlen, args.repeats)))
+
+
+def build_model(name: str, device: str, dtype: torch.dtype):
+    if name == "random-llama":
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**RANDOM_LLAMA)).to(dtype).eval()
+        return model, None
+    return load_model(name, device, dtype)
+
+
+def benchmark_model(name: str, args: argparse.Namespace, workdir: Path) -> list[dict]:
+    dtype = parse_dtype(args.dtype)
+    model, tokenizer = build_model(name, args.device, dtype)
+    on_cpu = args.device == "cpu"
+    dense_compute = sum(p.numel() for p in model.model.layers.parameters()) + lm_head_params(model)
+    rows = []
+    dense_folder = workdir / f"{name}-dense"
+    if on_cpu:
+        model.save_pretrained(dense_folder)
+        dense = measure_folder_in_subprocess(dense_folder, args)
+    else:
+        dense = measure(model, args.batch, args.seqlen, args.repeats)
+    rows.append({"model": name, "target": 0.0, "sparsity": 0.0, "speedup": 1.0, "bound": 1.0, **dense})
+    for subnetwork in run_method(model, tokenizer, "magnitude", args.sparsities):
+        compact, params = compact_subnetwork(model, subnetwork)
+        bound = dense_compute / (params["decoder"] + lm_head_params(compact))
+        if on_cpu:
+            folder = workdir / f"{name}-{subnetwork.target:.2f}"
+            record = pruning_record(name, "magnitude", NoOptions(), subnetwork, compact, params, None, 0)
+            save_pruned(compact, tokenizer, folder, record)
+            result = measure_folder_in_subprocess(folder, args)
+        else:
+            result = measure(compact, args.batch, args.seqlen, args.repeats)
+        del compact
+        speedup = result["tokens_per_s"] / dense["tokens_per_s"]
+        rows.append(
+            {
+                "model": name,
+                "target": subnetwork.target,
+                "sparsity": 1 - params["decoder"] / params["decoder_dense"],
+                "speedup": speedup,
+                "bound": bound,
+                **result,
+            }
+        )
+    for row in rows:
+        row["speedup_over_bound"] = row["speedup"] / row["bound"]
+    return rows
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    print(f"\nPrefill, batch {args.batch} x {args.seqlen} tokens, {args.dtype}, device {args.device}")
+    print("| model | target | sparsity | tokens/s | speedup | param bound | speedup / bound | weights MiB | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['model']} | {r['target']:.2f} | {r['sparsity']:.3f} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
+            f"{r['bound']:.2f}x | {r['speedup_over_bound']:.2f} | {r['weights_bytes'] / 2**20:.0f} | "
+            f"{r['peak_memory_bytes'] / 2**20:.0f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2-135m,random-llama", help="comma list: smollm2-135m, random-llama, a folder")
+    parser.add_argument("--sparsities", default="0.2,0.3,0.4,0.5", type=lambda s: [float(x) for x in s.split(",")])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=Path("results/compaction.json"))
+    parser.add_argument("--measure-folder", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.measure_folder:
+        worker(args)
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            rows += benchmark_model(name, args, Path(tmp))
+    print_table(rows, args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "measure_folder", "threads")}
+    args.json.write_text(json.dumps({"settings": settings, "torch": torch.__version__, "rows": rows}, indent=1))
+    print(f"saved {args.json}")
+
+
+if __name__ == "__main__":
+    main()

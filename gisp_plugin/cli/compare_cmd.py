@@ -1,0 +1,68 @@
+"""``gisp compare``: methods x sparsities x evaluations, one table. With no arguments: the built-in default."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from gisp_plugin.harness.config import ComparisonConfig, ConfigError
+from gisp_plugin.harness.report import markdown, write_outputs
+from gisp_plugin.harness.runner import run_comparison
+from gisp_plugin.methods.options import parse_assignments
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "compare",
+        help="compare methods head to head (no arguments: SmolLM2-135M, all methods, offline data)",
+        description="Every flag overrides the same key of --config; keys not given keep the built-in defaults.",
+    )
+    parser.add_argument("--config", type=Path, help="YAML, TOML or JSON file holding the whole comparison")
+    parser.add_argument("--model", help="hub id, local folder or smollm2-135m")
+    parser.add_argument("--methods", help="comma list (default: every registered method)")
+    parser.add_argument("--sparsity", dest="sparsities", help="comma list of targets, e.g. 0.2,0.3,0.5")
+    parser.add_argument(
+        "--eval", dest="evals", action="append", help="evaluation spec (repeatable), e.g. lm_eval:tasks=boolq+piqa"
+    )
+    parser.add_argument("--calibration", help="calibration data source shared by all methods")
+    parser.add_argument("--n-samples", type=int)
+    parser.add_argument("--seqlen", type=int)
+    parser.add_argument("--option", "-o", action="append", default=[], help="METHOD.name=value, e.g. gisp.steps=16")
+    parser.add_argument("--device")
+    parser.add_argument("--dtype")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--save-models", action="store_true", default=None, help="also save every compacted model")
+    parser.add_argument("--out", type=Path, default=Path("results/compare"), help="results folder (reused on rerun)")
+    parser.set_defaults(run=run)
+
+
+def build_config(args: argparse.Namespace) -> ComparisonConfig:
+    config = ComparisonConfig.from_file(args.config) if args.config else ComparisonConfig()
+    overrides = {
+        key: getattr(args, key)
+        for key in ("model", "methods", "sparsities", "evals", "calibration", "n_samples", "seqlen", "device", "dtype", "seed")
+        if getattr(args, key) is not None
+    }
+    if args.save_models is not None:
+        overrides["save_models"] = True
+    config = ComparisonConfig.from_mapping({**config.to_json(), **overrides}, "command line")
+    for key, value in parse_assignments(args.option).items():
+        method, dot, name = key.partition(".")
+        if not dot:
+            raise ConfigError(f"option {key!r} must name its method: METHOD.name=value")
+        config.method_options.setdefault(method, {})[name] = value
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    started = time.perf_counter()
+    result = run_comparison(config, args.out)
+    paths = write_outputs(result, args.out)
+    print(markdown(result))
+    print(f"results in {args.out} ({', '.join(p.name for p in paths.values())}); {time.perf_counter() - started:.0f} s")
+    return 0

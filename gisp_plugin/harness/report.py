@@ -1,0 +1,162 @@
+"""Comparison outputs: a paper-style Markdown table, CSV, JSON and PNG plots.
+
+Headline tables put methods in rows and sparsities in columns, one table per headline metric
+(perplexity per text source and context length, and mean zero-shot accuracy); per-task detail and the
+cost of each method follow below them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from gisp_plugin.harness.runner import ComparisonResult, Row
+
+HEADLINE_PREFIXES = ("ppl[", "mean_acc")
+
+
+def headline_metrics(rows: list[Row]) -> list[str]:
+    names = {name for row in rows for name in row.metrics}
+    return sorted(n for n in names if n.startswith(HEADLINE_PREFIXES))
+
+
+def detail_metrics(rows: list[Row]) -> list[str]:
+    names = {name for row in rows for name in row.metrics}
+    return sorted(n for n in names if not n.startswith(HEADLINE_PREFIXES) and "stderr" not in n)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value) or math.isnan(value):
+        return str(value)
+    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
+
+
+def _method_order(rows: list[Row]) -> list[str]:
+    return list(dict.fromkeys(row.method for row in rows if row.method != "dense"))
+
+
+def _pivot(rows: list[Row], metric: str) -> list[str]:
+    """Methods x sparsities for one metric, the dense value in its own column."""
+    dense = next((r for r in rows if r.method == "dense"), None)
+    targets = sorted({r.target for r in rows if r.method != "dense"})
+    lines = [
+        f"| method | dense | {' | '.join(f'{t:.0%}' for t in targets)} |",
+        "|---|---|" + "---|" * len(targets),
+    ]
+    for method in _method_order(rows):
+        by_target = {r.target: r for r in rows if r.method == method}
+        cells = [_fmt(by_target[t].metrics.get(metric)) if t in by_target else "-" for t in targets]
+        lines.append(f"| {method} | {_fmt(dense.metrics.get(metric)) if dense else '-'} | {' | '.join(cells)} |")
+    return lines
+
+
+def markdown(result: ComparisonResult) -> str:
+    """The whole report: settings, headline tables, achieved sparsity, per-task detail, cost."""
+    c = result.config
+    rows = result.rows
+    out = [
+        f"# Comparison on {c.model}",
+        "",
+        f"Calibration: {c.calibration}, {c.n_samples} x {c.seqlen} tokens, seed {c.seed}; dtype {c.dtype}; "
+        f"device {c.device}. Sparsity = 1 - decoder params left / dense decoder params (embeddings and LM head not counted).",
+        "",
+    ]
+    for spec, details in result.eval_settings.items():
+        out.append(f"- `{spec}`: " + _eval_note(details))
+    out.append("")
+    for metric in headline_metrics(rows):
+        out += [f"## {metric}", "", *_pivot(rows, metric), ""]
+    out += ["## Achieved sparsity", "", "| method | target | achieved |", "|---|---|---|"]
+    out += [f"| {r.method} | {r.target:.2f} | {r.sparsity:.4f} |" for r in rows if r.method != "dense"]
+    out.append("")
+    details = detail_metrics(rows)
+    if details:
+        out += ["## Per-task detail", "", f"| method | sparsity | {' | '.join(details)} |", "|---|---|" + "---|" * len(details)]
+        for r in rows:
+            out.append(f"| {r.method} | {r.target:.0%} | {' | '.join(_fmt(r.metrics.get(d)) for d in details)} |")
+        out.append("")
+    out += ["## Cost of pruning", "", "| method | prune time (s) | time per subnetwork (s) | peak memory (MiB) | cached |"]
+    out.append("|---|---|---|---|---|")
+    for cost in result.costs:
+        out.append(
+            f"| {cost.method} | {cost.prune_time_s:.1f} | {cost.time_per_subnetwork_s:.1f} | "
+            f"{cost.peak_memory_bytes / 2**20:.0f} | {'yes' if cost.cached else 'no'} |"
+        )
+    out.append("")
+    return "\n".join(out)
+
+
+def _eval_note(details: dict) -> str:
+    if details.get("evaluator") == "perplexity":
+        return f"perplexity on the evaluation part of {details.get('source')}, context length {details.get('seqlen')} tokens"
+    if details.get("evaluator") == "lm_eval":
+        offline = "offline copies (evaluation part of validation splits)" if details.get("offline") else "lm-eval datasets"
+        return f"lm-eval, limit {details.get('limit')} per task, {offline}; mean accuracy: {details.get('mean_acc_rule')}"
+    return json.dumps(details)[:200]
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    metrics = headline_metrics(rows) + detail_metrics(rows)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "target", "sparsity", *metrics])
+        for r in rows:
+            writer.writerow([r.method, r.target, f"{r.sparsity:.6f}", *(r.metrics.get(m, "") for m in metrics)])
+
+
+def write_plots(rows: list[Row], folder: Path) -> list[Path]:
+    """One PNG per headline metric: the metric against sparsity, one line per method, dense at 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next((r for r in rows if r.method == "dense"), None)
+    paths = []
+    for metric in headline_metrics(rows):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in _method_order(rows):
+            points = sorted((r.sparsity, r.metrics[metric]) for r in rows if r.method == method and metric in r.metrics)
+            if dense and metric in dense.metrics:
+                points = [(0.0, dense.metrics[metric]), *points]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.set_xlabel("sparsity (decoder parameters removed)")
+        ax.set_ylabel(metric)
+        if metric.startswith("ppl["):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        safe = "".join(ch if ch.isalnum() else "_" for ch in metric).strip("_")
+        path = folder / f"{safe}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write_outputs(result: ComparisonResult, folder: Path) -> dict[str, Path]:
+    """Write table.md, results.csv, results.json and the plots into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    table = folder / "table.md"
+    table.write_text(markdown(result))
+    write_csv(result.rows, folder / "results.csv")
+    (folder / "results.json").write_text(
+        json.dumps(
+            {
+                "config": result.config.to_json(),
+                "eval_settings": result.eval_settings,
+                "rows": [asdict(r) for r in result.rows],
+                "costs": [asdict(c) for c in result.costs],
+            },
+            indent=1,
+            default=str,
+        )
+    )
+    plots = write_plots(result.rows, folder)
+    return {"table": table, "csv": folder / "results.csv", "json": folder / "results.json", **{p.stem: p for p in plots}}

@@ -1,0 +1,232 @@
+"""Run a comparison: methods x sparsities x evaluations on identical loops.
+
+The dense model and the calibration set are loaded once and shared; every method starts from the same
+dense weights (the loop hands them back untouched); the dense model is evaluated as the 0% row.
+Every pruning run and every evaluation is cached, so an interrupted or extended comparison redoes
+nothing that is finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gisp_plugin.adapters.api import adapter_for
+from gisp_plugin.anatomy.structures import KeepMask
+from gisp_plugin.checkpoint.saving import save_pruned
+from gisp_plugin.data.api import CalibrationRequest
+from gisp_plugin.data.loading import load_calibration
+from gisp_plugin.evaluation.specs import EvalSpec, parse_eval_specs
+from gisp_plugin.harness.cache import ResultCache
+from gisp_plugin.harness.config import ComparisonConfig, ConfigError
+from gisp_plugin.harness.memory import PeakMemory
+from gisp_plugin.methods.api import Subnetwork
+from gisp_plugin.methods.options import options_to_dict
+from gisp_plugin.models.loading import load_model
+from gisp_plugin.plugins.manager import registered
+from gisp_plugin.pruning import check_targets, compact_subnetwork, pruning_record, resolve_method, run_method
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "comparison.json"
+
+
+@dataclass
+class Row:
+    """One model in the table: a method at a sparsity (the dense model is method ``dense`` at 0)."""
+
+    method: str
+    target: float
+    sparsity: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodCost:
+    """Wall time and peak memory of one method's pruning run (all targets)."""
+
+    method: str
+    prune_time_s: float
+    time_per_subnetwork_s: float
+    peak_memory_bytes: int
+    cached: bool
+
+
+@dataclass
+class ComparisonResult:
+    config: ComparisonConfig
+    rows: list[Row]
+    costs: list[MethodCost]
+    eval_settings: dict[str, Any]
+
+
+def check_results_folder(out: Path, config: ComparisonConfig) -> None:
+    """Refuse a folder whose earlier results used another model, dtype, seed or calibration."""
+    settings = out / SETTINGS_FILE
+    if not settings.exists():
+        return
+    try:
+        earlier = json.loads(settings.read_text())["identity"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise ConfigError(f"{settings} is not a comparison settings file; choose another --out") from err
+    if earlier != config.identity():
+        changed = sorted(k for k in earlier if earlier.get(k) != config.identity().get(k))
+        raise ConfigError(
+            f"{str(out)!r} holds results of a different configuration ({', '.join(changed)} differ: "
+            f"{ {k: earlier[k] for k in changed} }); use another --out folder to keep both"
+        )
+
+
+def resolve_methods(config: ComparisonConfig) -> dict[str, Any]:
+    """Method name -> parsed options, checked before any work starts."""
+    available = list(registered("method"))
+    names = config.methods or available
+    unknown = sorted(set(config.method_options) - set(available))
+    if unknown:
+        raise ConfigError(f"options given for unknown method {unknown[0]!r}; available: {', '.join(available)}")
+    return {name: resolve_method(name, config.method_options.get(name, {}))[1] for name in names}
+
+
+def _subnetworks_to_json(subnetworks: list[Subnetwork], times: list[float]) -> list[dict[str, Any]]:
+    return [
+        {"target": s.target, "sparsity": s.sparsity, "keep": s.keep.to_json(), "info": s.info, "elapsed_s": t}
+        for s, t in zip(subnetworks, times, strict=True)
+    ]
+
+
+def _subnetworks_from_json(entries, anatomy, biases: dict[str, torch.Tensor]) -> list[Subnetwork]:
+    out = []
+    for i, e in enumerate(entries):
+        prefix = f"{i}:"
+        extra = {name[len(prefix) :]: t for name, t in biases.items() if name.startswith(prefix)}
+        out.append(Subnetwork(e["target"], KeepMask.from_json(anatomy, e["keep"]), e["sparsity"], extra, e["info"]))
+    return out
+
+
+class Comparison:
+    """Holds the shared dense model, calibration set and cache while a comparison runs."""
+
+    def __init__(self, config: ComparisonConfig, out: Path):
+        self.config = config
+        self.out = out
+        self.cache = ResultCache(out / "cache")
+        self.methods = resolve_methods(config)
+        self.targets = check_targets(config.sparsities, reachable=1.0)
+        self.specs: list[EvalSpec] = parse_eval_specs(config.evals)
+        check_results_folder(out, config)
+        self.model, self.tokenizer = load_model(config.model, config.device, config.dtype)
+        self._calibration = None
+
+    def calibration(self):
+        """Loaded on first use and shared by every method that needs data."""
+        if self._calibration is None:
+            c = self.config
+            request = CalibrationRequest(c.calibration, c.n_samples, c.seqlen, c.seed)
+            self._calibration = load_calibration(request, self.tokenizer)
+        return self._calibration
+
+    def base_key(self) -> dict[str, Any]:
+        return {"identity": self.config.identity()}
+
+    def prune_key(self, method: str) -> dict[str, Any]:
+        return {**self.base_key(), "method": method, "options": options_to_dict(self.methods[method]), "targets": self.targets}
+
+    def evaluate(self, model, key: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+        metrics, details = {}, {}
+        for spec in self.specs:
+            eval_key = {**key, "eval": spec.text}
+            entry = self.cache.get("eval", eval_key)
+            if entry is None:
+                result = spec.evaluator.evaluate(model, self.tokenizer, spec.options)
+                entry = {"metrics": result.metrics, "details": result.details}
+                self.cache.put("eval", eval_key, entry)
+            metrics.update(entry["metrics"])
+            details[spec.text] = entry["details"]
+        return metrics, details
+
+    def prune(self, method: str) -> tuple[list[Subnetwork], MethodCost]:
+        key = self.prune_key(method)
+        entry = self.cache.get("prune", key)
+        if entry is not None:
+            anatomy = adapter_for(self.model).anatomy(self.model)
+            subnetworks = _subnetworks_from_json(entry["subnetworks"], anatomy, self.cache.get_tensors("prune", key))
+            cost = MethodCost(method, entry["prune_time_s"], entry["time_per_subnetwork_s"], entry["peak_memory_bytes"], True)
+            return subnetworks, cost
+        spec, _ = resolve_method(method, self.config.method_options.get(method, {}))
+        calibration = self.calibration() if spec.calibration is not None else None
+        subnetworks, times = [], []
+        with PeakMemory(self.model) as memory:
+            started = time.perf_counter()
+            for subnetwork in run_method(
+                self.model,
+                self.tokenizer,
+                method,
+                self.targets,
+                self.config.method_options.get(method, {}),
+                calibration,
+                self.config.seed,
+                work_dir=self.out / "work" / method,
+            ):
+                subnetworks.append(subnetwork)
+                times.append(time.perf_counter() - started)
+        elapsed = times[-1]
+        cost = MethodCost(method, elapsed, elapsed / len(subnetworks), memory.peak_bytes, False)
+        biases = {f"{i}:{path}": b for i, s in enumerate(subnetworks) for path, b in s.extra_biases.items()}
+        self.cache.put_tensors("prune", key, biases)
+        self.cache.put(
+            "prune",
+            key,
+            {
+                "subnetworks": _subnetworks_to_json(subnetworks, times),
+                "prune_time_s": cost.prune_time_s,
+                "time_per_subnetwork_s": cost.time_per_subnetwork_s,
+                "peak_memory_bytes": cost.peak_memory_bytes,
+            },
+        )
+        return subnetworks, cost
+
+    def run(self) -> ComparisonResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / SETTINGS_FILE).write_text(
+            json.dumps({"identity": self.config.identity(), "config": self.config.to_json()}, indent=1)
+        )
+        rows, costs = [], []
+        log.info("evaluating the dense model")
+        metrics, details = self.evaluate(self.model, {**self.base_key(), "method": "dense"})
+        rows.append(Row("dense", 0.0, 0.0, metrics, details))
+        for method in self.methods:
+            log.info("pruning with %s to %s", method, ", ".join(f"{t:.2f}" for t in self.targets))
+            subnetworks, cost = self.prune(method)
+            costs.append(cost)
+            for subnetwork in subnetworks:
+                compact, params = compact_subnetwork(self.model, subnetwork)
+                sparsity = 1 - params["decoder"] / params["decoder_dense"]
+                metrics, details = self.evaluate(compact, {**self.prune_key(method), "target": subnetwork.target})
+                rows.append(Row(method, subnetwork.target, sparsity, metrics, details))
+                if self.config.save_models:
+                    record = pruning_record(
+                        self.config.model,
+                        method,
+                        self.methods[method],
+                        subnetwork,
+                        compact,
+                        params,
+                        self.calibration().name if self._calibration else None,
+                        self.config.seed,
+                    )
+                    save_pruned(compact, self.tokenizer, self.out / "models" / f"{method}-s{subnetwork.target:.2f}", record)
+                del compact
+        eval_settings = {spec.text: rows[0].details.get(spec.text, {}) for spec in self.specs}
+        return ComparisonResult(self.config, rows, costs, eval_settings)
+
+
+def run_comparison(config: ComparisonConfig, out: Path) -> ComparisonResult:
+    """Check everything, then run (or resume) the comparison into ``out``."""
+    return Comparison(config, out).run()
