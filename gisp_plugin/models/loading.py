@@ -111,7 +111,7 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     if is_pruned_folder(path):
         model = load_pruned(path, device=device, dtype=torch_dtype, attn_implementation=attn_implementation)
-        return model, AutoTokenizer.from_pretrained(path)
+        return model, AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # no y/N prompt for auto_map
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -20,6 +20,10 @@ DEFAULT_PLUGINS = (
     "gisp_plugin.adapters.llama_family",
     "gisp_plugin.methods.magnitude",
     "gisp_plugin.methods.random_pruning",
+    "gisp_plugin.methods.gisp",
+    "gisp_plugin.importance.losses",
+    "gisp_plugin.evaluation.evaluators",
+    "gisp_plugin.data.sources",
 )
 
 HOOKS = {

@@ -1,6 +1,7 @@
 """`gisp prune` and `gisp methods` end to end on a tiny saved model, and their errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ def dense_folder(tmp_path_factory, tokenizer):
 def test_methods_lists_plugin_version_and_description(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
-    assert "magnitude  gisp_plugin.methods.magnitude" in out
+    assert re.search(r"^magnitude\s+gisp_plugin\.methods\.magnitude\s+\d+\.\d+", out, re.M)
     assert "Global L2 norm" in out
 
 
