@@ -10,6 +10,8 @@ import sys
 COMMANDS = (
     "gisp_plugin.cli.methods_cmd",
     "gisp_plugin.cli.prune_cmd",
+    "gisp_plugin.cli.eval_cmd",
+    "gisp_plugin.cli.compare_cmd",
 )
 
 

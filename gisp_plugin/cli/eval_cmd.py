@@ -1,0 +1,100 @@
+"""``gisp eval``: evaluate one model (dense, or a pruned folder) with named evaluators.
+
+``--eval`` takes a spec ``NAME:option=value,...`` (list items joined with ``+``) and may be repeated:
+``gisp eval --model runs/gisp-s0.30 --eval perplexity:seqlen=128 --eval lm_eval:tasks=boolq+arc_easy,limit=50``.
+``--prepare-offline-tasks`` only writes the offline task folder for lm-eval's own command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from gisp_plugin.checkpoint.saving import count_params, is_pruned_folder, read_record
+from gisp_plugin.cli.prune_cmd import add_model_arguments
+from gisp_plugin.evaluation.api import EvalResult
+from gisp_plugin.evaluation.offline_data import prepare_offline_tasks
+from gisp_plugin.evaluation.specs import evaluate, parse_eval_specs
+from gisp_plugin.models.loading import load_model, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EVAL = "perplexity:source=boolq-wiki,seqlen=128"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("eval", help="evaluate one model (dense or pruned folder): perplexity, lm-eval tasks")
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--eval",
+        dest="evals",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help=f"evaluator spec NAME:option=value,... (list items joined with +), repeatable; default {DEFAULT_EVAL!r}",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write metrics and details to this JSON file")
+    parser.add_argument(
+        "--prepare-offline-tasks",
+        metavar="TASKS",
+        default=None,
+        help="only write the offline lm-eval task folder for these tasks (comma list) and print its path",
+    )
+    parser.set_defaults(run=run)
+
+
+def _format(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def result_table(results: dict[str, EvalResult]) -> str:
+    """A plain-text table: one line per metric, grouped by spec, with each spec's settings."""
+    lines = []
+    for spec, result in results.items():
+        details = result.details
+        settings = []
+        if "seqlen" in details:
+            settings.append(f"context length {details['seqlen']} tokens, {details['windows']} windows")
+        if details.get("evaluator") == "lm_eval":
+            settings.append(f"limit {details['limit']}, {'offline' if details['offline'] else 'hub'} data")
+        lines.append(f"{spec}  ({'; '.join(settings)}; {details.get('elapsed_s', '?')} s)" if settings else spec)
+        width = max(len(name) for name in result.metrics) if result.metrics else 0
+        lines += [f"  {name.ljust(width)}  {_format(value)}" for name, value in result.metrics.items()]
+        if details.get("evaluator") == "lm_eval" and details.get("offline"):
+            lines.append("  data: offline, evaluation part of each validation split (index % 4 != 0)")
+        if "mean_acc" in result.metrics:
+            lines.append(f"  mean_acc: {details['mean_acc_rule']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.prepare_offline_tasks:
+        folder = prepare_offline_tasks(t.strip() for t in args.prepare_offline_tasks.split(",") if t.strip())
+        print(folder)
+        return 0
+    specs = parse_eval_specs(args.evals or [DEFAULT_EVAL])  # bad names or options fail before loading
+    path = resolve_model_path(args.model)
+    started = time.perf_counter()
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn)
+    model_info = {"model": args.model, "params": count_params(model), "dtype": args.dtype, "device": args.device}
+    if is_pruned_folder(path):
+        record = read_record(path)
+        model_info.update(method=record["method"], target=record["target"], sparsity=record["sparsity"])
+    log.info("loaded %s in %.1f s", args.model, time.perf_counter() - started)
+    results = evaluate(model, tokenizer, specs)
+    header = f"model {args.model}: {model_info['params']['total']:,} parameters"
+    if "sparsity" in model_info:
+        header += f", {model_info['method']} at structural sparsity {model_info['sparsity']:.3f}"
+    print(header)
+    print(result_table(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            **model_info,
+            "results": {spec: {"metrics": r.metrics, "details": r.details} for spec, r in results.items()},
+        }
+        args.json.write_text(json.dumps(payload, indent=1, default=str))
+    return 0

@@ -1,0 +1,68 @@
+"""Evaluation specs: ``NAME`` or ``NAME:option=value,option=value``, resolved to an evaluator and its options.
+
+Options are separated by commas, so the items of a list option are joined with ``+``:
+``perplexity:source=boolq-wiki,seqlen=128`` or ``lm_eval:tasks=boolq+arc_easy,limit=50``. A value may
+contain ``:`` and ``=`` (``source=file:/data/text.txt``) but not ``,``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import typing
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from gisp_plugin.evaluation.api import EvalResult, Evaluator
+from gisp_plugin.methods.options import OptionError, parse_assignments, parse_options
+from gisp_plugin.plugins.manager import lookup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """One parsed spec: the text the user wrote, the evaluator, and its options."""
+
+    text: str
+    evaluator: Evaluator
+    options: Any
+
+
+def _list_fields(options_cls: type) -> set[str]:
+    hints = typing.get_type_hints(options_cls)
+    return {f.name for f in dataclasses.fields(options_cls) if typing.get_origin(hints[f.name]) in (tuple, list)}
+
+
+def parse_eval_spec(text: str) -> EvalSpec:
+    """``"lm_eval:tasks=boolq+piqa,limit=50"`` -> the ``lm_eval`` evaluator with parsed options."""
+    name, _, rest = text.strip().partition(":")
+    if not name:
+        raise OptionError(f"evaluation spec {text!r} has no evaluator name; expected NAME or NAME:option=value,...")
+    evaluator = lookup("evaluator", name)
+    values = parse_assignments([part for part in rest.split(",") if part.strip()])
+    for key in _list_fields(evaluator.options) & set(values):
+        values[key] = values[key].replace("+", ",")
+    return EvalSpec(text.strip(), evaluator, parse_options(evaluator.options, values, f"evaluator {name!r}"))
+
+
+def parse_eval_specs(texts: Iterable[str]) -> list[EvalSpec]:
+    """Parse every spec first, so a bad one fails before any model is loaded or measured."""
+    specs = [parse_eval_spec(text) for text in texts]
+    seen = set()
+    for spec in specs:
+        if spec.text in seen:
+            raise OptionError(f"evaluation spec {spec.text!r} is given twice")
+        seen.add(spec.text)
+    return specs
+
+
+def evaluate(model: Any, tokenizer: Any, specs: Iterable[str | EvalSpec]) -> dict[str, EvalResult]:
+    """Run every spec on ``model``; results keyed by the spec text as written."""
+    parsed = [spec if isinstance(spec, EvalSpec) else parse_eval_spec(spec) for spec in specs]
+    results = {}
+    for spec in parsed:
+        log.info("evaluating %s", spec.text)
+        results[spec.text] = spec.evaluator.evaluate(model, tokenizer, spec.options)
+    return results
