@@ -29,6 +29,15 @@ from gisp_plugin.methods.api import NoOptions
 from gisp_plugin.models.loading import load_model, parse_dtype
 from gisp_plugin.pruning import compact_subnetwork, pruning_record, run_method
 
+LLAMA2_7B = dict(  # the Llama-2-7B shapes (random weights): for GPU speed tables
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+)
 RANDOM_LLAMA = dict(  # a mid-size Llama-2-style config with GQA, enough to show shapes matter
     vocab_size=32000,
     hidden_size=1024,
@@ -44,30 +53,51 @@ def lm_head_params(model: torch.nn.Module) -> int:
     return model.lm_head.weight.numel()
 
 
-def time_prefill(model, batch: int, seqlen: int, repeats: int) -> float:
-    """Median tokens/s of a no-grad forward over ``batch x seqlen`` random tokens."""
-    device = next(model.parameters()).device
-    ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=torch.Generator().manual_seed(0)).to(device)
+def median_seconds(fn, repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up run."""
     times = []
-    with torch.no_grad():
-        for i in range(repeats + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(ids, use_cache=False)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i:  # the first run warms up
-                times.append(time.perf_counter() - start)
-    return batch * seqlen / statistics.median(times)
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
-def measure(model, batch: int, seqlen: int, repeats: int) -> dict:
-    """Tokens/s and peak memory of a prefill; memory is the process peak (CPU) or allocator peak (CUDA)."""
+def measure(model, args: argparse.Namespace) -> dict:
+    """Prefill and decode tokens/s, and the peak memory of the prefill (process peak on CPU, allocator peak on CUDA)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seqlen), generator=generator).to(device)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    with PeakMemory(model) as memory:
-        tokens_per_s = time_prefill(model, batch, seqlen, repeats)
-    return {"tokens_per_s": tokens_per_s, "peak_memory_bytes": memory.peak_bytes, "weights_bytes": weights}
+    with torch.no_grad(), PeakMemory(model) as memory:
+        prefill_s = median_seconds(lambda: model(ids, use_cache=False), args.repeats, device)
+    result = {
+        "tokens_per_s": args.batch * args.seqlen / prefill_s,
+        "peak_memory_bytes": memory.peak_bytes,
+        "weights_bytes": weights,
+    }
+    if args.decode_tokens:
+        prompt = ids[:, :16]
+        n = args.decode_tokens
+
+        def decode():
+            model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
+
+        with torch.no_grad():
+            result["decode_tokens_per_s"] = args.batch * n / median_seconds(decode, max(1, args.repeats // 2), device)
+    return result
 
 
 def measure_folder_in_subprocess(folder: Path, args: argparse.Namespace) -> dict:
@@ -86,6 +116,8 @@ def measure_folder_in_subprocess(folder: Path, args: argparse.Namespace) -> dict
         args.dtype,
         "--threads",
         str(torch.get_num_threads()),
+        "--decode-tokens",
+        str(args.decode_tokens),
     ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -100,13 +132,14 @@ def worker(args: argparse.Namespace) -> None:
         model = load_pruned(folder, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    print(json.dumps(measure(model, args.batch, args.seqlen, args.repeats)))
+    print(json.dumps(measure(model, args)))
 
 
 def build_model(name: str, device: str, dtype: torch.dtype):
-    if name == "random-llama":
+    shapes = {"random-llama": RANDOM_LLAMA, "random-llama2-7b": LLAMA2_7B}
+    if name in shapes:
         with torch.device(device):
-            model = LlamaForCausalLM(LlamaConfig(**RANDOM_LLAMA)).to(dtype).eval()
+            model = LlamaForCausalLM(LlamaConfig(**shapes[name], dtype=dtype)).to(dtype).eval()
         return model, None
     return load_model(name, device, dtype)
 
@@ -122,8 +155,8 @@ def benchmark_model(name: str, args: argparse.Namespace, workdir: Path) -> list[
         model.save_pretrained(dense_folder)
         dense = measure_folder_in_subprocess(dense_folder, args)
     else:
-        dense = measure(model, args.batch, args.seqlen, args.repeats)
-    rows.append({"model": name, "target": 0.0, "sparsity": 0.0, "speedup": 1.0, "bound": 1.0, **dense})
+        dense = measure(model, args)
+    rows.append({"model": name, "target": 0.0, "sparsity": 0.0, "bound": 1.0, **dense})
     for subnetwork in run_method(model, tokenizer, "magnitude", args.sparsities):
         compact, params = compact_subnetwork(model, subnetwork)
         bound = dense_compute / (params["decoder"] + lm_head_params(compact))
@@ -133,45 +166,54 @@ def benchmark_model(name: str, args: argparse.Namespace, workdir: Path) -> list[
             save_pruned(compact, tokenizer, folder, record)
             result = measure_folder_in_subprocess(folder, args)
         else:
-            result = measure(compact, args.batch, args.seqlen, args.repeats)
+            result = measure(compact, args)
         del compact
-        speedup = result["tokens_per_s"] / dense["tokens_per_s"]
         rows.append(
             {
                 "model": name,
                 "target": subnetwork.target,
                 "sparsity": 1 - params["decoder"] / params["decoder_dense"],
-                "speedup": speedup,
                 "bound": bound,
                 **result,
             }
         )
     for row in rows:
+        row["speedup"] = row["tokens_per_s"] / dense["tokens_per_s"]
         row["speedup_over_bound"] = row["speedup"] / row["bound"]
+        if "decode_tokens_per_s" in row:
+            row["decode_speedup"] = row["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
     return rows
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\nPrefill, batch {args.batch} x {args.seqlen} tokens, {args.dtype}, device {args.device}")
-    print("| model | target | sparsity | tokens/s | speedup | param bound | speedup / bound | weights MiB | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"decode: {args.decode_tokens} new tokens after a 16-token prompt, batch {args.batch}")
+    print(
+        "| model | target | sparsity | prefill tok/s | speedup | param bound | speedup / bound | decode tok/s | decode speedup "
+        "| weights MiB | peak MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['model']} | {r['target']:.2f} | {r['sparsity']:.3f} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
-            f"{r['bound']:.2f}x | {r['speedup_over_bound']:.2f} | {r['weights_bytes'] / 2**20:.0f} | "
+            f"{r['bound']:.2f}x | {r['speedup_over_bound']:.2f} | {r.get('decode_tokens_per_s', 0):.0f} | "
+            f"{r.get('decode_speedup', 0):.2f}x | {r['weights_bytes'] / 2**20:.0f} | "
             f"{r['peak_memory_bytes'] / 2**20:.0f} |"
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="smollm2-135m,random-llama", help="comma list: smollm2-135m, random-llama, a folder")
+    parser.add_argument(
+        "--models", default="smollm2-135m,random-llama", help="comma list: smollm2-135m, random-llama, random-llama2-7b, a folder"
+    )
     parser.add_argument("--sparsities", default="0.2,0.3,0.4,0.5", type=lambda s: [float(x) for x in s.split(",")])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-tokens", type=int, default=32, help="new tokens for the decode measurement (0: skip)")
     parser.add_argument("--json", type=Path, default=Path("results/compaction.json"))
     parser.add_argument("--measure-folder", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import gisp_plugin
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.checkpoint.saving import CheckpointError, PruningRecord, count_params, load_pruned, read_record, save_pruned
@@ -47,7 +48,7 @@ def test_reload_equals_saved(tmp_path, tokenizer, family):
     }
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt")), "no pickle files"
     ids = random_ids()
-    reloaded = load_pruned(folder)
+    reloaded = gisp_plugin.load_pruned(folder)
     plain = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     with torch.no_grad():
         expected = compact(ids).logits
