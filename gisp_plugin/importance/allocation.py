@@ -1,4 +1,4 @@
-"""Turning structure scores into decisions: one global ranking, or the same ratio in every layer.
+"""Turning structure scores into one global ranking (the same ratio in every layer: ``uniform.py``).
 
 Scores are a dict ``(layer, kind) -> float tensor [units]``; a unit scored ``+inf`` is never pruned.
 Both allocators count parameters exactly as the anatomy does, including key/value heads that go
@@ -6,8 +6,6 @@ when the last query head reading them goes, so targets mean the paper's paramete
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -69,44 +67,3 @@ def prune_lowest_globally(anatomy: ModelAnatomy, scores: Scores, target: float) 
 
 def _largest_unit(anatomy: ModelAnatomy) -> int:
     return max(kind.params_per_unit for layer in anatomy.layers for kind in layer.kinds.values())
-
-
-def keep_uniform_ratio(anatomy: ModelAnatomy, scores: Scores, ratio: float, layers: list[int]) -> KeepMask:
-    """In each listed layer, prune ``round(ratio * count)`` lowest-scoring units of every kind."""
-    keep = KeepMask.dense(anatomy)
-    for layer in layers:
-        for name, kind in anatomy.layers[layer].kinds.items():
-            n_prune = min(kind.count, round(ratio * kind.count))
-            flags = torch.ones(kind.count, dtype=torch.bool)
-            flags[torch.sort(scores[layer, name].detach().double().cpu(), stable=True).indices[:n_prune]] = False
-            keep[layer, name] = flags
-    return keep
-
-
-def uniform_ratio_for_target(anatomy: ModelAnatomy, target: float, layers: list[int]) -> float:
-    """The per-layer ratio that, applied to ``layers`` only, gives the sparsity closest to ``target``.
-
-    Local methods (Wanda-sp, LLM-Pruner) prune the same fraction everywhere; when some layers are
-    kept whole, the others must lose more to reach a model-level target.
-    """
-    if not layers:
-        raise UnreachableTargetError("no prunable layers")
-    full = anatomy.max_sparsity(layers)
-    if target > full + 1e-9:
-        raise UnreachableTargetError(f"sparsity {target} is above what layers {layers[0]}..{layers[-1]} give ({full:.3f})")
-    ratio = min(1.0, target / full)
-    # Rounding to whole units per layer makes the achieved value step-wise; search the nearby steps.
-    best, best_gap = ratio, math.inf
-    counts = sorted({kind.count for i in layers for kind in anatomy.layers[i].kinds.values()})
-    candidates = {ratio} | {round(ratio * c) / c for c in counts} | {(round(ratio * c) + 1) / c for c in counts}
-    for candidate in sorted(c for c in candidates if 0 <= c <= 1):
-        keep = KeepMask.dense(anatomy)
-        for i in layers:
-            for name, kind in anatomy.layers[i].kinds.items():
-                flags = torch.ones(kind.count, dtype=torch.bool)
-                flags[: min(kind.count, round(candidate * kind.count))] = False
-                keep[i, name] = flags
-        gap = abs(anatomy.sparsity(keep) - target)
-        if gap < best_gap:
-            best, best_gap = candidate, gap
-    return best

@@ -1,0 +1,92 @@
+"""Local (per-layer) allocation: every pruned layer loses the same fraction, units possibly grouped.
+
+LLM-Pruner removes a whole key/value group under grouped-query attention: the key/value head and every
+query head reading it. The anatomy keeps query heads as its units, so a *group* here is a tuple of
+unit indices that are scored and pruned together. Every listed layer loses the same fraction of its
+groups of every kind; the fraction is chosen so that the model-level parameter sparsity is closest to
+the target, counting parameters exactly as the anatomy does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+from gisp_plugin.importance.allocation import UnreachableTargetError
+
+Groups = dict[tuple[int, str], tuple[tuple[int, ...], ...]]
+GroupScores = dict[tuple[int, str], torch.Tensor]  # one float64 score per group
+
+
+def singleton_groups(anatomy: ModelAnatomy, layers: list[int]) -> Groups:
+    return {(i, name): tuple((u,) for u in range(kind.count)) for i in layers for name, kind in anatomy.layers[i].kinds.items()}
+
+
+def keep_groups(anatomy: ModelAnatomy, groups: Groups, order: dict[tuple[int, str], torch.Tensor], ratio: float) -> KeepMask:
+    """Prune ``round(ratio * n_groups)`` groups of every listed (layer, kind), first in ``order``."""
+    keep = KeepMask.dense(anatomy)
+    for key, members in groups.items():
+        n_prune = min(len(members), round(ratio * len(members)))
+        flags = torch.ones(anatomy.kind(*key).count, dtype=torch.bool)
+        for g in order[key][:n_prune].tolist():
+            flags[list(members[g])] = False
+        keep[key] = flags
+    return keep
+
+
+def lowest_first(scores: GroupScores) -> dict[tuple[int, str], torch.Tensor]:
+    """Group indices from lowest to highest score (ties by index)."""
+    return {key: torch.sort(value.double().cpu(), stable=True).indices for key, value in scores.items()}
+
+
+def keep_lowest(anatomy: ModelAnatomy, scores: GroupScores, ratio: float, groups: Groups | None = None) -> KeepMask:
+    """Prune the ``round(ratio * n)`` lowest-scoring groups of every (layer, kind) in ``scores``.
+
+    Without ``groups`` every unit is its own group. Keys absent from ``scores`` stay dense.
+    """
+    if groups is None:
+        groups = {key: tuple((u,) for u in range(value.numel())) for key, value in scores.items()}
+    return keep_groups(anatomy, {key: groups[key] for key in scores}, lowest_first(scores), ratio)
+
+
+def take_layer(keep: KeepMask, decided: KeepMask, layer: int) -> None:
+    """Copy the decisions about one layer from ``decided`` into ``keep`` (sequential methods)."""
+    for (index, name), flags in decided.flags.items():
+        if index == layer:
+            keep[index, name] = flags
+
+
+def ratio_for_target(anatomy: ModelAnatomy, groups: Groups, target: float, scores: GroupScores | None = None) -> float:
+    """The per-layer fraction of groups whose rounding gives the sparsity closest to ``target``.
+
+    With ``round(ratio * n)`` groups pruned per kind, sparsity is a non-decreasing step function of the
+    ratio that changes only where some ``ratio * n`` crosses a half-integer; one ratio inside each step
+    is a candidate, and a bisection finds the steps either side of the target. With ``scores`` the
+    count is exact (the groups that would really go); without them (a sequential method that scores
+    layer ``i`` only after pruning layers ``< i``) the first groups stand in, which is exact when the
+    groups of a kind hold equal parameters (kv groups, MLP channels) and, for single GQA query heads,
+    assumes whole key/value groups go first.
+    """
+    layers = sorted({layer for layer, _ in groups})
+    if not layers:
+        raise UnreachableTargetError("no prunable layers")
+    full = anatomy.max_sparsity(layers)
+    if target > full + 1e-9:
+        raise UnreachableTargetError(f"sparsity {target} is above what layers {layers[0]}..{layers[-1]} give ({full:.3f})")
+    first = lowest_first(scores) if scores is not None else {key: torch.arange(len(m)) for key, m in groups.items()}
+    breaks = sorted({(j + 0.5) / n for n in {len(m) for m in groups.values()} for j in range(n)})
+    candidates = [0.0] + [(a + b) / 2 for a, b in zip(breaks[:-1], breaks[1:], strict=True)] + [1.0]
+
+    def sparsity(index: int) -> float:
+        return anatomy.sparsity(keep_groups(anatomy, groups, first, candidates[index]))
+
+    low, high = 0, len(candidates) - 1  # first candidate reaching the target lies in [low, high]
+    while low < high:
+        mid = (low + high) // 2
+        if sparsity(mid) >= target:
+            high = mid
+        else:
+            low = mid + 1
+    if low > 0 and abs(sparsity(low - 1) - target) <= abs(sparsity(low) - target):
+        low -= 1
+    return candidates[low]

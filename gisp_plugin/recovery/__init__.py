@@ -1,0 +1,1 @@
+"""Recovery fine-tuning: a short, method-agnostic post-step after pruning (off by default)."""
