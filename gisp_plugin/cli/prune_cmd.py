@@ -13,9 +13,11 @@ import torch
 from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationRequest
+from gisp_plugin.data.loading import load_calibration
 from gisp_plugin.methods.options import parse_assignments
 from gisp_plugin.models.loading import DEFAULT_MODEL, load_model
 from gisp_plugin.pruning import check_targets, compact_subnetwork, pruning_record, resolve_method, run_method
+from gisp_plugin.recovery.lora import RecoveryOptions, RecoveryReport, recover
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--option", "-o", action="append", default=[], help="method option name=value (repeatable)")
     add_calibration_arguments(parser)
     parser.add_argument("--trajectory-only", action="store_true", help="write only the trajectory (nested methods)")
+    parser.add_argument(
+        "--recover-steps", type=int, default=0, help="LoRA recovery fine-tuning steps on each compacted model (default 0: off)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -74,7 +79,13 @@ def run(args: argparse.Namespace) -> int:
     if args.trajectory_only and not spec.nested:
         raise ValueError(f"method {args.method!r} is not nested; --trajectory-only needs a nested method")
     request = calibration_request(spec, args)
+    if args.recover_steps and request is None and not args.calibration:
+        raise ValueError(f"method {args.method!r} uses no data; give --calibration SOURCE for --recover-steps")
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn)
+    recovery_data = None
+    if args.recover_steps:
+        recovery_request = request or CalibrationRequest(args.calibration, args.n_samples or 128, args.seqlen or 128, args.seed)
+        recovery_data = load_calibration(recovery_request, tokenizer)
 
     out: Path = args.out
     trajectory = Trajectory()
@@ -86,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         line = {"target": subnetwork.target, "structural_sparsity": round(subnetwork.sparsity, 5)}
         if not args.trajectory_only:
             compact, params = compact_subnetwork(model, subnetwork)
+            if recovery_data is not None:
+                report = RecoveryReport()
+                recover(compact, tokenizer, recovery_data, RecoveryOptions(steps=args.recover_steps, seed=args.seed), report)
+                subnetwork.info["recovery"] = {"steps": args.recover_steps, "data": recovery_data.name, "losses": report.losses}
             record = pruning_record(
                 args.model,
                 args.method,

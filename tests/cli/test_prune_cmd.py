@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from gisp_plugin.cli import main
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.pruning import run_method
-from tests.tiny import random_ids, tiny_model
+from tests.tiny import SAMPLE_TEXT, random_ids, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,23 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(tmp_path, dense_fold
     ]
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_recovery_after_pruning_is_recorded_and_reloads(tmp_path, dense_folder):
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT * 30)
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(dense_folder), "--method", "magnitude", "--sparsity", "0.3", "--out", str(out)]
+    assert main([*args, "--recover-steps", "3", "--calibration", f"file:{text}", "--n-samples", "8", "--seqlen", "16"]) == 0
+    folder = out / "magnitude-s0.30"
+    recovery = json.loads((folder / "pruning.json").read_text())["info"]["recovery"]
+    assert recovery["steps"] == 3 and len(recovery["losses"]) == 3
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(random_ids()).logits).all()
+
+
+def test_recovery_without_data_for_a_data_free_method_is_refused(tmp_path, dense_folder, capsys):
+    args = ["prune", "--model", str(dense_folder), "--method", "magnitude", "--sparsity", "0.3", "--out", str(tmp_path / "o")]
+    assert main([*args, "--recover-steps", "3"]) == 2
+    assert "give --calibration SOURCE for --recover-steps" in capsys.readouterr().err
