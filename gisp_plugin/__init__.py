@@ -6,7 +6,13 @@ The public entry points are loaded on first use, so plugins importing ``gisp_plu
 from __future__ import annotations
 
 import importlib
+from importlib import metadata
 from typing import Any
+
+try:
+    __version__ = metadata.version("gisp-plugin")
+except metadata.PackageNotFoundError:  # running from a source checkout that was never installed
+    __version__ = "0+source"
 
 _EXPORTS = {
     "load_model": "gisp_plugin.models.loading",

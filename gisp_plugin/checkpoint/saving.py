@@ -12,13 +12,13 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+import gisp_plugin
 from gisp_plugin.compaction import modeling_gisp_pruned
 from gisp_plugin.compaction.modeling_gisp_pruned import PRUNED_CLASSES
 
@@ -47,7 +47,7 @@ class PruningRecord:
     info: dict[str, Any] = field(default_factory=dict)
     format: str = RECORD_FORMAT
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
-    gisp_plugin_version: str = field(default_factory=lambda: metadata.version("gisp-plugin"))
+    gisp_plugin_version: str = field(default_factory=lambda: gisp_plugin.__version__)
 
 
 def count_params(model: torch.nn.Module) -> dict[str, int]:

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.run(args) or 0
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     except (UserError, ValueError, LookupError, OSError) as err:
         if args.verbose:
             raise

@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import metadata
 from typing import Any
 
 import pluggy
 
+import gisp_plugin
 from gisp_plugin.plugins import hookspecs
 
 DEFAULT_PLUGINS = (
@@ -61,7 +61,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 
 def _plugin_versions(pm: pluggy.PluginManager) -> dict[str, str]:
-    versions = {name: metadata.version("gisp-plugin") for name in DEFAULT_PLUGINS}
+    versions = {name: gisp_plugin.__version__ for name in DEFAULT_PLUGINS}
     for plugin, dist in pm.list_plugin_distinfo():
         versions[pm.get_name(plugin)] = dist.version
     return versions
