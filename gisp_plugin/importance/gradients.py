@@ -1,0 +1,334 @@
+"""Gradients of a calibration objective with respect to chosen weights, summed in float32 over batches.
+
+Gradient-based criteria (GISP's ``|W * g|``, LLM-Pruner's Taylor scores) all need the same thing: the
+gradient of a loss averaged over the whole calibration set, for the weights that structures own, and
+sometimes the per-sample squared gradients. This module computes exactly that, once, for everyone.
+
+The objective is a weighted sum of per-sample losses, ``sum_i w_i * loss_i``; the weights come from the
+loss (``ntp``: ``w_i = 1 / N``, so the sum is the mean gradient ``g = grad / n_samples`` of the GISP
+reference; ``margin``: ``+1 / n_pos`` and ``-1 / n_neg``). Because it is a plain sum over samples, it is
+additive over batches, micro-batches and ranks: ``GradientSums.merge`` (or ``all_reduce`` under
+``torch.distributed``) of partial sums gives the full-set result, whatever the split.
+
+Cost: only the requested weights require gradients (embeddings, ``lm_head``, norms stay frozen); each
+weight's gradient is folded into a float32 buffer by a post-accumulate hook right after backward produces
+it and then dropped, so a bf16 model never accumulates in bf16 and never holds a full set of gradients.
+A masked weight is computed once per pass and reused by every micro-batch, so a masked model costs what
+a dense one does. Optional activation checkpointing trades compute for memory. A non-finite loss or
+gradient raises ``NonFiniteError`` instead of producing silent NaN scores.
+
+Usage (LLM-Pruner's second-order Taylor needs ``acc = sum_i g_i ** 2 / N``)::
+
+    paths = weight_paths(anatomy)
+    sums = accumulate_gradients(model, paths, calibration, lookup("loss", "ntp"), per_sample_squares=True)
+    g = sums.grad[path]        # mean gradient over the calibration set, float32, shape of the weight
+    acc = sums.grad_sq[path]   # sum_i g_i ** 2 / N, float32
+    w = weight_tensor(model, path)  # the dense (unmasked) weight the gradient belongs to
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from gisp_plugin.anatomy.structures import ModelAnatomy
+from gisp_plugin.data.api import CalibrationBatch, CalibrationSet
+from gisp_plugin.masking.sparsifier import dense_tensor
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """The calibration loss or a gradient became inf or NaN; the scores would be meaningless."""
+
+
+class Objective(Protocol):
+    """What a loss plugin gives the gradient engine (see ``gisp_plugin.importance.losses.Loss``)."""
+
+    name: str
+
+    def per_sample(self, logits: torch.Tensor, batch: CalibrationBatch) -> torch.Tensor:
+        """Per-sample losses ``[batch]`` (float32) from logits ``[batch, seq, vocab]``."""
+
+    def sample_weights(self, calibration: CalibrationSet) -> torch.Tensor:
+        """Weights ``[n]`` (float64) over the whole set: the objective is ``sum_i w_i * loss_i``."""
+
+
+@dataclass
+class GradientSums:
+    """Float32 sums over calibration samples, for each requested weight (by full tensor path).
+
+    ``grad[path] = sum_i w_i * dloss_i/dW``: with the loss's own weights, the full-set gradient.
+    ``grad_sq[path] = sum_i |w_i| * (dloss_i/dW) ** 2`` when per-sample squares were asked for
+    (for ``ntp``, ``w_i = 1/N``: LLM-Pruner's ``acc``). ``loss = sum_i w_i * loss_i`` (the objective's
+    value; the mean loss for ``ntp``), ``n_samples`` the samples with a non-zero weight. All fields are
+    sums, so partial results over disjoint samples add up.
+    """
+
+    grad: dict[str, torch.Tensor]
+    grad_sq: dict[str, torch.Tensor] | None = None
+    n_samples: int = 0
+    loss: float = 0.0
+    n_tokens: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def merge(self, other: GradientSums) -> GradientSums:
+        """Add the sums of ``other`` (disjoint samples) into this one, in place; returns self."""
+        for path, value in other.grad.items():
+            self.grad[path].add_(value.to(self.grad[path].device))
+        if self.grad_sq is not None and other.grad_sq is not None:
+            for path, value in other.grad_sq.items():
+                self.grad_sq[path].add_(value.to(self.grad_sq[path].device))
+        self.n_samples += other.n_samples
+        self.loss += other.loss
+        self.n_tokens += other.n_tokens
+        return self
+
+    def all_reduce(self, group: Any = None) -> GradientSums:
+        """Sum every field across the ranks of a ``torch.distributed`` group (data-parallel calibration)."""
+        import torch.distributed as dist
+
+        tensors = list(self.grad.values()) + list((self.grad_sq or {}).values())
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        scalars = torch.tensor([self.n_samples, self.loss, self.n_tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(scalars, op=dist.ReduceOp.SUM, group=group)
+        self.n_samples, self.loss, self.n_tokens = int(scalars[0]), float(scalars[1]), int(scalars[2])
+        return self
+
+
+def weight_paths(anatomy: ModelAnatomy, include_dependents: bool = False) -> list[str]:
+    """Full paths of the weight matrices (not biases) that structures own, in layer order.
+
+    With ``include_dependents`` the shared key/value weights of grouped-query attention are included
+    too (needed when a unit is a whole key/value group, as in LLM-Pruner's Llama-3 setting).
+    """
+    paths: list[str] = []
+    for layer in anatomy.layers:
+        for kind in layer.kinds.values():
+            slices = list(kind.owned) + ([d.slice for d in kind.dependents] if include_dependents else [])
+            for tensor_slice in slices:
+                path = f"{layer.prefix}.{tensor_slice.path}"
+                if tensor_slice.tensor_name == "weight" and path not in paths:
+                    paths.append(path)
+    return paths
+
+
+def weight_tensor(model: nn.Module, path: str) -> torch.Tensor:
+    """The dense leaf tensor at ``path`` (under a mask: the unmasked original the gradient flows into)."""
+    module_path, _, name = path.rpartition(".")
+    tensor = dense_tensor(model.get_submodule(module_path), name)
+    if tensor is None:
+        raise KeyError(f"model has no tensor {path!r}")
+    return tensor
+
+
+@contextlib.contextmanager
+def only_these_require_grad(model: nn.Module, leaves: list[torch.Tensor]) -> Iterator[None]:
+    """Freeze every parameter except ``leaves`` (restoring each flag afterwards)."""
+    before = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    wanted = {id(t) for t in leaves}
+    try:
+        for param, _ in before.values():
+            param.requires_grad_(id(param) in wanted)
+        yield
+    finally:
+        for param, flag in before.values():
+            param.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Recompute each decoder layer in backward instead of storing its activations (non-reentrant).
+
+    Uses the ``GradientCheckpointingLayer`` machinery of transformers, but flips only the layers' own
+    ``training`` flag, so dropout and every other submodule stay in eval mode and the gradients are the
+    same as without checkpointing.
+    """
+    if not enabled:
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no decoder layers that support gradient checkpointing")
+    saved = [(m, m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", None), m.training) for m in layers]
+    try:
+        for layer in layers:
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+            layer.training = True  # transformers checkpoints only in training mode; children stay in eval
+        yield
+    finally:
+        for layer, flag, func, training in saved:
+            layer.gradient_checkpointing = flag
+            if func is None:
+                del layer._gradient_checkpointing_func
+            else:
+                layer._gradient_checkpointing_func = func
+            layer.training = training
+
+
+class _Accumulator:
+    """Post-accumulate-grad hooks that fold each fresh gradient into float32 sums and free it."""
+
+    def __init__(self, leaves: dict[str, torch.Tensor], squares: bool):
+        self.grad = {path: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for path, t in leaves.items()}
+        self.grad_sq = (
+            {path: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for path, t in leaves.items()} if squares else None
+        )
+        self.scale = 1.0  # per-sample mode: the sample's weight w_i (backward ran on the unweighted loss)
+        self.squares = squares
+        self.handles = [t.register_post_accumulate_grad_hook(self._hook(path)) for path, t in leaves.items()]
+
+    def _hook(self, path: str) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            g = param.grad.float()
+            self.grad[path].add_(g, alpha=self.scale)
+            if self.grad_sq is not None:
+                self.grad_sq[path].addcmul_(g, g, value=abs(self.scale))
+            param.grad = None
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    paths: list[str],
+    calibration: CalibrationSet,
+    objective: Objective,
+    *,
+    batch_size: int = 2,
+    per_sample_squares: bool = False,
+    gradient_checkpointing: bool = False,
+    sample_weights: torch.Tensor | None = None,
+    pad_token_id: int = 0,
+    progress: str | None = None,
+) -> GradientSums:
+    """Sum the weighted gradients of ``objective`` over ``calibration`` for the weights at ``paths``.
+
+    ``batch_size`` sequences go through each forward/backward (a micro-batch: the result does not depend
+    on it, up to float rounding). ``per_sample_squares`` forces one sequence per backward and also sums
+    the squared per-sample gradients. ``sample_weights`` overrides the objective's weights: a rank of a
+    data-parallel run passes its shard with the weights computed on the whole set, then ``all_reduce``.
+    ``progress`` is a tqdm description (``None``: no bar; else a bar when stderr is a terminal).
+
+    Masked weights (``torch.ao.pruning`` parametrizations) stay masked. Each masked weight is computed
+    once per call and used as the leaf for every batch (``parametrize.cached``), so micro-batches cost
+    what they cost on an unmasked model; the chain rule through the mask is applied once at the end.
+    The result is the gradient with respect to the dense original, ``mask * g``: masked units get
+    exactly zero.
+    """
+    weights = objective.sample_weights(calibration) if sample_weights is None else sample_weights
+    weights = weights.to(torch.float64).cpu()
+    if weights.shape != (len(calibration),):
+        raise ValueError(f"sample weights need shape ({len(calibration)},), got {tuple(weights.shape)}")
+    if per_sample_squares:
+        batch_size = 1
+    params = {path: weight_tensor(model, path) for path in paths}
+    device = next(iter(params.values())).device if params else next(model.parameters()).device
+
+    loss_sum = 0.0
+    n_tokens = 0
+    batches = calibration.batches(batch_size, pad_token_id)
+    bar = tqdm(
+        batches,
+        total=math.ceil(len(calibration) / batch_size),
+        desc=progress,
+        leave=False,
+        disable=True if progress is None else None,
+    )
+    with only_these_require_grad(model, list(params.values())), parametrize.cached():
+        leaves = {path: _leaf(model, path, params[path]) for path in paths}
+        accumulator = _Accumulator(leaves, per_sample_squares)
+        try:
+            with activation_checkpointing(model, gradient_checkpointing), torch.enable_grad():
+                for index, batch in enumerate(bar):
+                    start = index * batch_size
+                    w = weights[start : start + len(batch)]
+                    if not bool((w != 0).any()):
+                        continue
+                    batch = batch.to(device)
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+                    losses = objective.per_sample(logits, batch)  # [batch]
+                    if per_sample_squares:
+                        accumulator.scale = float(w[0])
+                        total = losses.sum()
+                    else:
+                        total = (losses * w.to(device=losses.device, dtype=losses.dtype)).sum()
+                    value = float((losses.detach().double().cpu() * w).sum())
+                    if not math.isfinite(value) or not bool(torch.isfinite(losses.detach()).all()):
+                        raise NonFiniteError(
+                            f"calibration loss is not finite ({value}) at samples {start}..{start + len(batch) - 1} "
+                            f"of {calibration.name!r}; check the model dtype (float16 overflows easily) and the data"
+                        )
+                    total.backward()
+                    loss_sum += value
+                    n_tokens += int(batch.attention_mask.sum())
+                    if progress is not None:
+                        bar.set_postfix(loss=f"{loss_sum:.4g}")
+        finally:
+            accumulator.remove()
+            bar.close()
+            for leaf in leaves.values():
+                leaf.grad = None
+
+    for path in paths:
+        if leaves[path] is not params[path]:  # chain rule through the mask, once
+            factor = _mask_derivative(model, path, params[path]).float()
+            accumulator.grad[path].mul_(factor)
+            if accumulator.grad_sq is not None:
+                accumulator.grad_sq[path].mul_(factor * factor)
+    for name, sums in (("gradient", accumulator.grad), ("squared gradient", accumulator.grad_sq or {})):
+        for path, tensor in sums.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(f"{name} of {path} is not finite after calibration on {calibration.name!r}")
+    return GradientSums(
+        grad=accumulator.grad,
+        grad_sq=accumulator.grad_sq,
+        n_samples=int((weights != 0).sum()),
+        loss=loss_sum,
+        n_tokens=n_tokens,
+        info={"objective": objective.name, "batch_size": batch_size},
+    )
+
+
+def _leaf(model: nn.Module, path: str, param: torch.Tensor) -> torch.Tensor:
+    """The tensor gradients accumulate on: the parameter itself, or the cached masked weight."""
+    module_path, _, name = path.rpartition(".")
+    module = model.get_submodule(module_path)
+    if not parametrize.is_parametrized(module, name):
+        return param
+    with torch.no_grad():
+        effective = getattr(module, name)  # computed once and cached for the whole pass
+    return effective.requires_grad_(True)
+
+
+def _mask_derivative(model: nn.Module, path: str, original: torch.Tensor) -> torch.Tensor:
+    """d(masked weight)/d(original) for an element-wise mask: the vector-Jacobian product with ones."""
+    module_path, _, name = path.rpartition(".")
+    flag = original.requires_grad
+    try:
+        with torch.enable_grad():
+            original.requires_grad_(True)
+            masked = getattr(model.get_submodule(module_path), name)
+            (derivative,) = torch.autograd.grad(masked, original, torch.ones_like(masked))
+    finally:
+        original.requires_grad_(flag)
+    return derivative
