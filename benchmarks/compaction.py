@@ -21,32 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from shapes import random_llama
+from transformers import AutoModelForCausalLM
 
 from gisp_plugin.checkpoint.saving import load_pruned, save_pruned
 from gisp_plugin.harness.memory import PeakMemory
 from gisp_plugin.methods.api import NoOptions
 from gisp_plugin.models.loading import load_model, parse_dtype
 from gisp_plugin.pruning import compact_subnetwork, pruning_record, run_method
-
-LLAMA2_7B = dict(  # the Llama-2-7B shapes (random weights): for GPU speed tables
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-)
-RANDOM_LLAMA = dict(  # a mid-size Llama-2-style config with GQA, enough to show shapes matter
-    vocab_size=32000,
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=12,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-)
 
 
 def lm_head_params(model: torch.nn.Module) -> int:
@@ -136,11 +118,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def build_model(name: str, device: str, dtype: torch.dtype):
-    shapes = {"random-llama": RANDOM_LLAMA, "random-llama2-7b": LLAMA2_7B}
-    if name in shapes:
-        with torch.device(device):
-            model = LlamaForCausalLM(LlamaConfig(**shapes[name], dtype=dtype)).to(dtype).eval()
-        return model, None
+    if name.startswith("random-"):
+        return random_llama(name.removeprefix("random-"), device, dtype), None
     return load_model(name, device, dtype)
 
 
@@ -158,7 +137,7 @@ def benchmark_model(name: str, args: argparse.Namespace, workdir: Path) -> list[
         dense = measure(model, args)
     rows.append({"model": name, "target": 0.0, "sparsity": 0.0, "bound": 1.0, **dense})
     for subnetwork in run_method(model, tokenizer, "magnitude", args.sparsities):
-        compact, params = compact_subnetwork(model, subnetwork)
+        compact, params = compact_subnetwork(model, subnetwork, args.pad_to)
         bound = dense_compute / (params["decoder"] + lm_head_params(compact))
         if on_cpu:
             folder = workdir / f"{name}-{subnetwork.target:.2f}"
@@ -186,7 +165,9 @@ def benchmark_model(name: str, args: argparse.Namespace, workdir: Path) -> list[
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"\nPrefill, batch {args.batch} x {args.seqlen} tokens, {args.dtype}, device {args.device}")
+    print(
+        f"\nPrefill, batch {args.batch} x {args.seqlen} tokens, {args.dtype}, {args.device}, MLP widths padded to x{args.pad_to}"
+    )
     print(f"decode: {args.decode_tokens} new tokens after a 16-token prompt, batch {args.batch}")
     print(
         "| model | target | sparsity | prefill tok/s | speedup | param bound | speedup / bound | decode tok/s | decode speedup "
@@ -213,6 +194,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pad-to", type=int, default=1, help="round MLP widths up to a multiple (zero channels; 64 suits GPUs)")
     parser.add_argument("--decode-tokens", type=int, default=32, help="new tokens for the decode measurement (0: skip)")
     parser.add_argument("--json", type=Path, default=Path("results/compaction.json"))
     parser.add_argument("--measure-folder", help=argparse.SUPPRESS)

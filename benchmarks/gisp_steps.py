@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+from shapes import SHAPES, random_llama
 from torch.nn.utils import parametrize
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
@@ -41,35 +41,12 @@ from gisp_plugin.harness.memory import PeakMemory, peak_rss_bytes
 from gisp_plugin.models.loading import load_model, parse_dtype
 from gisp_plugin.pruning import run_method
 
-TINYLLAMA_SHAPE = dict(  # TinyLlama-1.1B: 22 layers, 32 query / 4 key-value heads, hidden 2048, MLP 5632
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-)
-SMOLLM2_SHAPE = dict(  # SmolLM2-135M: 30 layers, 9 query / 3 key-value heads, hidden 576, MLP 1536
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-    rms_norm_eps=1e-5,
-)
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m", help="model name or folder (default: smollm2-135m)")
     p.add_argument("--synthetic", action="store_true", help="random-init model and random tokens (timing and memory only)")
-    p.add_argument("--synthetic-shape", choices=["smollm2", "tinyllama"], default="smollm2", help="shape of the random model")
+    p.add_argument("--synthetic-shape", choices=sorted(SHAPES), default="smollm2", help="shape of the random model")
     p.add_argument("--gradient-checkpointing", action="store_true", help="GISP option gradient_checkpointing=true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
@@ -88,12 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-probe", choices=["bare", "gisp"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=Path("results/gisp_steps.json"), help="where to save the results")
     return p.parse_args(argv)
-
-
-def synthetic_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(**(SMOLLM2_SHAPE if shape == "smollm2" else TINYLLAMA_SHAPE), attn_implementation="sdpa")
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
 def synthetic_calibration(n: int, seqlen: int, vocab: int, seed: int) -> CalibrationSet:
@@ -138,7 +109,7 @@ def step_times(trajectory: Trajectory) -> list[float]:
 def load_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """Model, tokenizer, calibration set and perplexity windows (``None`` for synthetic runs)."""
     if args.synthetic:
-        model = synthetic_model(args.synthetic_shape, args.device, dtype)
+        model = random_llama(args.synthetic_shape, args.device, dtype)
         return model, None, synthetic_calibration(args.n_samples, args.seqlen, model.config.vocab_size, args.seed), None
     model, tokenizer = load_model(args.model, args.device, dtype)
     calibration = load_calibration(CalibrationRequest(args.calibration, args.n_samples, args.seqlen, args.seed), tokenizer)

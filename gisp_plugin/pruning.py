@@ -118,9 +118,13 @@ def run_method(
         model.train(was_training)
 
 
-def compact_subnetwork(model: PreTrainedModel, subnetwork: Subnetwork) -> tuple[PreTrainedModel, dict[str, int]]:
-    """The physically smaller model for ``subnetwork`` and its parameter counts before and after."""
-    compact = adapter_for(model).compact(model, subnetwork.keep, subnetwork.extra_biases)
+def compact_subnetwork(model: PreTrainedModel, subnetwork: Subnetwork, pad_to: int = 1) -> tuple[PreTrainedModel, dict[str, int]]:
+    """The physically smaller model for ``subnetwork`` and its parameter counts before and after.
+
+    ``pad_to`` > 1 rounds MLP widths up to a multiple with zero channels: identical outputs, and the
+    matrix shapes GPUs run fast (counted parameters then include the padding).
+    """
+    compact = adapter_for(model).compact(model, subnetwork.keep, subnetwork.extra_biases, pad_to)
     before, after = count_params(model), count_params(compact)
     params = {
         "decoder_dense": before["decoder"],

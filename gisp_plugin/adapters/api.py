@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+from gisp_plugin.anatomy.structures import ModelAnatomy
 from gisp_plugin.plugins.manager import registered
 
 
@@ -23,7 +22,8 @@ class ArchitectureAdapter:
 
     ``model_types`` are the ``config.model_type`` values handled; ``anatomy`` reads the structures
     off a model; ``decoder_layers`` returns the layer list (sequential calibration walks it);
-    ``compact`` builds the physically smaller model for a ``KeepMask`` and extra output biases.
+    ``compact(model, keep, extra_biases, pad_to)`` builds the physically smaller model for a ``KeepMask``
+    and extra output biases, optionally padding widths to a multiple of ``pad_to`` with inert zeros.
     """
 
     name: str
@@ -31,7 +31,7 @@ class ArchitectureAdapter:
     model_types: tuple[str, ...]
     anatomy: Callable[[PreTrainedModel], ModelAnatomy]
     decoder_layers: Callable[[PreTrainedModel], nn.ModuleList]
-    compact: Callable[[PreTrainedModel, KeepMask, dict[str, torch.Tensor]], PreTrainedModel]
+    compact: Callable[..., PreTrainedModel]
 
 
 def adapter_for(model: PreTrainedModel) -> ArchitectureAdapter:

@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--device")
     parser.add_argument("--dtype")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--pad-to", type=int, help="round MLP widths of compacted models up to a multiple (64 suits GPUs)")
     parser.add_argument("--save-models", action="store_true", default=None, help="also save every compacted model")
     parser.add_argument("--out", type=Path, default=Path("results/compare"), help="results folder (reused on rerun)")
     parser.set_defaults(run=run)
@@ -44,7 +45,19 @@ def build_config(args: argparse.Namespace) -> ComparisonConfig:
     config = ComparisonConfig.from_file(args.config) if args.config else ComparisonConfig()
     overrides = {
         key: getattr(args, key)
-        for key in ("model", "methods", "sparsities", "evals", "calibration", "n_samples", "seqlen", "device", "dtype", "seed")
+        for key in (
+            "model",
+            "methods",
+            "sparsities",
+            "evals",
+            "calibration",
+            "n_samples",
+            "seqlen",
+            "device",
+            "dtype",
+            "seed",
+            "pad_to",
+        )
         if getattr(args, key) is not None
     }
     if args.save_models is not None:

@@ -52,6 +52,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--option", "-o", action="append", default=[], help="method option name=value (repeatable)")
     add_calibration_arguments(parser)
+    parser.add_argument(
+        "--pad-to", type=int, default=1, help="round MLP widths up to a multiple with inert zero channels (64 suits GPUs)"
+    )
     parser.add_argument("--trajectory-only", action="store_true", help="write only the trajectory (nested methods)")
     parser.add_argument(
         "--recover-steps", type=int, default=0, help="LoRA recovery fine-tuning steps on each compacted model (default 0: off)"
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         line = {"target": subnetwork.target, "structural_sparsity": round(subnetwork.sparsity, 5)}
         if not args.trajectory_only:
-            compact, params = compact_subnetwork(model, subnetwork)
+            compact, params = compact_subnetwork(model, subnetwork, args.pad_to)
             if recovery_data is not None:
                 report = RecoveryReport()
                 recover(compact, tokenizer, recovery_data, RecoveryOptions(steps=args.recover_steps, seed=args.seed), report)

@@ -32,8 +32,32 @@ def _with_extra(bias: torch.Tensor | None, extra: torch.Tensor | None, like: tor
     return extra.clone() if bias is None else bias + extra
 
 
+def _pad_channels(tensors: dict[str, torch.Tensor | None], count: int, pad_to: int) -> int:
+    """Append all-zero MLP channels up to a multiple of ``pad_to``; returns the padded count.
+
+    GPU matrix kernels lose much of their speed on dimensions that are not multiples of 8 (better 64).
+    A zero channel adds exactly nothing: its gate pre-activation is 0 and act(0) = 0.
+    """
+    padded = -(-count // pad_to) * pad_to
+    extra = padded - count
+    if extra:
+        for name, axis in (
+            ("mlp.gate_proj.weight", 0),
+            ("mlp.up_proj.weight", 0),
+            ("mlp.down_proj.weight", 1),
+            ("mlp.gate_proj.bias", 0),
+            ("mlp.up_proj.bias", 0),
+        ):
+            t = tensors.get(name)
+            if t is not None:
+                shape = list(t.shape)
+                shape[axis] = extra
+                tensors[name] = torch.cat([t, t.new_zeros(shape)], dim=axis)
+    return padded
+
+
 def _compact_layer(
-    layer: nn.Module, keep_heads: torch.Tensor, keep_channels: torch.Tensor, extra: dict, prefix: str
+    layer: nn.Module, keep_heads: torch.Tensor, keep_channels: torch.Tensor, extra: dict, prefix: str, pad_to: int
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """The pruned-layer spec and the sliced tensors (keys relative to the layer)."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -72,11 +96,16 @@ def _compact_layer(
     if mlp_bias:
         tensors["mlp.gate_proj.bias"] = t(mlp.gate_proj, "bias")[channels]
         tensors["mlp.up_proj.bias"] = t(mlp.up_proj, "bias")[channels]
+    intermediate = len(channels)
+    if pad_to > 1:
+        if float(mlp.act_fn(torch.zeros(1))) != 0.0:
+            raise ValueError(f"cannot pad MLP channels: activation {type(mlp.act_fn).__name__} is not 0 at 0")
+        intermediate = _pad_channels(tensors, intermediate, pad_to)
     spec = {
         "num_heads": len(heads),
         "num_kv_heads": len(kv_alive),
         "kv_map": kv_map,
-        "intermediate_size": len(channels),
+        "intermediate_size": intermediate,
         "qkv_bias": qkv_bias,
         "o_bias": tensors["self_attn.o_proj.bias"] is not None,
         "mlp_bias": mlp_bias,
@@ -107,17 +136,18 @@ def pruned_config(dense_config, specs: list[dict]):
 
 
 def compact_llama_family(
-    model: PreTrainedModel, keep: KeepMask, extra_biases: dict[str, torch.Tensor] | None = None
+    model: PreTrainedModel, keep: KeepMask, extra_biases: dict[str, torch.Tensor] | None = None, pad_to: int = 1
 ) -> PreTrainedModel:
     """A new, physically smaller model equal in outputs to ``model`` masked by ``keep``.
 
     ``extra_biases`` maps a module path (``model.layers.3.self_attn.o_proj``) to a bias a method adds to
     that projection's output (FLAP's bias compensation); it is folded into the compacted layer.
+    ``pad_to`` > 1 rounds each layer's MLP width up with zero channels (same outputs, GPU-friendly shapes).
     """
     extra = extra_biases or {}
     specs, state = [], {}
     for idx, layer in enumerate(model.model.layers):
-        spec, tensors = _compact_layer(layer, keep[idx, ATTN_HEAD], keep[idx, MLP_CHANNEL], extra, f"model.layers.{idx}")
+        spec, tensors = _compact_layer(layer, keep[idx, ATTN_HEAD], keep[idx, MLP_CHANNEL], extra, f"model.layers.{idx}", pad_to)
         specs.append(spec)
         state.update({f"model.layers.{idx}.{key}": value for key, value in tensors.items()})
     for key, value in model.state_dict().items():

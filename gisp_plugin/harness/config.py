@@ -52,6 +52,7 @@ class ComparisonConfig:
     dtype: str = "float32"
     seed: int = 0
     save_models: bool = False
+    pad_to: int = 1
 
     def identity(self) -> dict[str, Any]:
         return {

@@ -206,7 +206,7 @@ class Comparison:
             subnetworks, cost = self.prune(method)
             costs.append(cost)
             for subnetwork in subnetworks:
-                compact, params = compact_subnetwork(self.model, subnetwork)
+                compact, params = compact_subnetwork(self.model, subnetwork, self.config.pad_to)
                 sparsity = 1 - params["decoder"] / params["decoder_dense"]
                 metrics, details = self.evaluate(compact, {**self.prune_key(method), "target": subnetwork.target})
                 rows.append(Row(method, subnetwork.target, sparsity, metrics, details))

@@ -137,3 +137,21 @@ def test_release_restores_dense_model_exactly():
     assert all(torch.equal(before[k], after[k]) for k in before)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, dense_logits)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_padding_mlp_width_keeps_outputs_and_rounds_shapes(family):
+    model = MODELS[family, "sdpa"]
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    keep = random_keep(anatomy, 11, 0.55, empty_layer=1, empty_kind="mlp_channel")
+    ids = random_ids(2, 10, 3)
+    compact = adapter.compact(model, keep, {}, 8)
+    widths = [layer.mlp.gate_proj.out_features for layer in compact.model.layers]
+    assert all(w % 8 == 0 for w in widths) and widths[1] == 0
+    assert [w - int(keep[i, "mlp_channel"].sum()) for i, w in enumerate(widths)] == [
+        (-int(keep[i, "mlp_channel"].sum())) % 8 for i in range(3)
+    ]
+    with MaskedModel(model, anatomy) as masked, torch.no_grad():
+        masked.apply(keep)
+        torch.testing.assert_close(compact(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
