@@ -79,3 +79,32 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def random_ids(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def random_keep(anatomy, seed: int, p_keep: float, empty_layer: int | None = None, empty_kind: str = "attn_head"):
+    """A random KeepMask (each unit kept with probability ``p_keep``), optionally emptying one block."""
+    from gisp_plugin.anatomy.structures import KeepMask
+
+    generator = torch.Generator().manual_seed(seed)
+    keep = KeepMask.dense(anatomy)
+    for key in keep.flags:
+        keep[key] = torch.rand(keep[key].shape, generator=generator) < p_keep
+    if empty_layer is not None:
+        keep[empty_layer, empty_kind] = torch.zeros_like(keep[empty_layer, empty_kind])
+    return keep
+
+
+def record_for(compact, anatomy, keep, target: float = 0.3):
+    """A minimal PruningRecord for a compacted tiny model (tests of saving and loading)."""
+    from gisp_plugin.checkpoint.saving import PruningRecord, count_params
+
+    return PruningRecord(
+        base_model="tiny",
+        method="test",
+        options={},
+        target=target,
+        sparsity=anatomy.sparsity(keep),
+        params=count_params(compact),
+        layers=compact.config.pruned_layers,
+        pruned_structures=keep.to_json(),
+    )

@@ -10,32 +10,22 @@ from transformers import AutoModelForCausalLM
 import gisp_plugin
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
-from gisp_plugin.checkpoint.saving import CheckpointError, PruningRecord, count_params, load_pruned, read_record, save_pruned
+from gisp_plugin.checkpoint.saving import CheckpointError, load_pruned, read_record, save_pruned
 from gisp_plugin.checkpoint.trajectory import NotNestedError, Trajectory
 from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import random_ids, tiny_model
+from tests.tiny import random_ids, random_keep, record_for, tiny_model
 
 
 def _pruned(family: str, seed: int = 0):
     model = tiny_model(family)
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
-    keep = KeepMask.dense(anatomy)
-    generator = torch.Generator().manual_seed(seed)
-    for key in keep.flags:
-        keep[key] = torch.rand(keep[key].shape, generator=generator) < 0.6
-    biases = {"model.layers.1.mlp.down_proj": torch.randn(model.config.hidden_size, generator=generator)}
+    keep = random_keep(anatomy, seed, 0.6)
+    biases = {
+        "model.layers.1.mlp.down_proj": torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    }
     compact = adapter.compact(model, keep, biases)
-    record = PruningRecord(
-        base_model="tiny",
-        method="test",
-        options={},
-        target=0.4,
-        sparsity=anatomy.sparsity(keep),
-        params=count_params(compact),
-        layers=compact.config.pruned_layers,
-        pruned_structures=keep.to_json(),
-    )
+    record = record_for(compact, anatomy, keep, target=0.4)
     return model, compact, keep, biases, record
 
 

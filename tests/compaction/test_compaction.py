@@ -9,19 +9,9 @@ from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.checkpoint.saving import count_params
 from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import random_ids, tiny_model
+from tests.tiny import random_ids, random_keep, tiny_model
 
 MODELS = {(family, attn): tiny_model(family, attn=attn) for family in ("llama", "mistral", "qwen2") for attn in ("eager", "sdpa")}
-
-
-def random_keep(anatomy, seed: int, p_keep: float, empty_layer: int | None, empty_kind: str) -> KeepMask:
-    generator = torch.Generator().manual_seed(seed)
-    keep = KeepMask.dense(anatomy)
-    for key in keep.flags:
-        keep[key] = torch.rand(keep[key].shape, generator=generator) < p_keep
-    if empty_layer is not None:
-        keep[empty_layer, empty_kind] = torch.zeros_like(keep[empty_layer, empty_kind])
-    return keep
 
 
 def random_biases(model, seed: int, layers: list[int]) -> dict[str, torch.Tensor]:

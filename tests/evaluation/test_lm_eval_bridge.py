@@ -11,11 +11,10 @@ import torch
 from lm_eval.tasks import TaskManager
 
 from gisp_plugin.adapters.api import adapter_for
-from gisp_plugin.anatomy.structures import KeepMask
-from gisp_plugin.checkpoint.saving import PruningRecord, count_params, save_pruned
+from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.evaluation.lm_eval_bridge import LmEvalOptions, UnknownTaskError, evaluate_lm_eval
 from gisp_plugin.evaluation.offline_data import TaskDataUnavailableError, offline_tasks_dir
-from tests.tiny import tiny_model, tiny_tokenizer
+from tests.tiny import random_keep, record_for, tiny_model, tiny_tokenizer
 
 WORDS = ("structured", "pruning", "removes", "attention", "heads", "channels", "from", "a", "language", "model", "text")
 TINY_TASK = """task: tiny_mc
@@ -51,21 +50,9 @@ def compacted(tmp_path_factory):
     model = tiny_model("mistral")
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
-    keep = KeepMask.dense(anatomy)
-    generator = torch.Generator().manual_seed(1)
-    for key in keep.flags:
-        keep[key] = torch.rand(keep[key].shape, generator=generator) < 0.7
+    keep = random_keep(anatomy, 1, 0.7)
     compact = adapter.compact(model, keep, {})
-    record = PruningRecord(
-        base_model="tiny",
-        method="test",
-        options={},
-        target=0.3,
-        sparsity=anatomy.sparsity(keep),
-        params=count_params(compact),
-        layers=compact.config.pruned_layers,
-        pruned_structures=keep.to_json(),
-    )
+    record = record_for(compact, anatomy, keep)
     tokenizer = tiny_tokenizer()
     folder = save_pruned(compact, tokenizer, tmp_path_factory.mktemp("pruned") / "tiny", record)
     return compact, tokenizer, folder

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from gisp_plugin.adapters.api import adapter_for
-from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.evaluation.perplexity import PerplexityOptions, evaluate_perplexity, perplexity_of_text
 from gisp_plugin.masking.masked_model import MaskedModel
 from tests.evaluation.conftest import EVAL_TEXT
-from tests.tiny import tiny_model
+from tests.tiny import random_keep, tiny_model
 
 
 def reference_ppl(model, tokenizer, text: str, seqlen: int, windows: int | None = None) -> float:
@@ -54,10 +53,7 @@ def test_masked_model_equals_its_compacted_model(tokenizer):
     model = tiny_model("mistral")
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
-    keep = KeepMask.dense(anatomy)
-    generator = torch.Generator().manual_seed(0)
-    for key in keep.flags:
-        keep[key] = torch.rand(keep[key].shape, generator=generator) < 0.6
+    keep = random_keep(anatomy, 0, 0.6)
     dense = perplexity_of_text(model, tokenizer, EVAL_TEXT, seqlen=32).ppl
     compact = perplexity_of_text(adapter.compact(model, keep, {}), tokenizer, EVAL_TEXT, seqlen=32).ppl
     with MaskedModel(model, anatomy) as masked:

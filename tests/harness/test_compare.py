@@ -54,7 +54,13 @@ def test_compare_writes_table_csv_json_plots_and_reuses_cache(setup, tmp_path, c
     with (out / "results.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["method"], float(r["target"])) for r in rows] == [
-        ("dense", 0.0), ("magnitude", 0.2), ("magnitude", 0.4), ("random", 0.2), ("random", 0.4), ("gisp", 0.2), ("gisp", 0.4),
+        ("dense", 0.0),
+        ("magnitude", 0.2),
+        ("magnitude", 0.4),
+        ("random", 0.2),
+        ("random", 0.4),
+        ("gisp", 0.2),
+        ("gisp", 0.4),
     ]
     assert all(float(r[metric]) > 1 for r in rows)
     results = json.loads((out / "results.json").read_text())
