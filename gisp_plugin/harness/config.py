@@ -20,10 +20,10 @@ from gisp_plugin.models.loading import DEFAULT_MODEL
 
 DEFAULT_EVALS = (
     "perplexity:source=boolq-wiki,seqlen=128,max_windows=48",
-    "lm_eval:tasks=boolq+arc_easy,limit=40",
+    "lm_eval:tasks=piqa+arc_easy,limit=50",
 )
 # Per-method options for the quick default: fewer GISP steps than a full run would use.
-DEFAULT_METHOD_OPTIONS = {"gisp": {"steps": "8"}}
+DEFAULT_METHOD_OPTIONS = {"gisp": {"steps": "4"}}
 
 
 class ConfigError(ValueError):
