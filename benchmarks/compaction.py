@@ -186,7 +186,9 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--models", default="smollm2-135m,random-llama", help="comma list: smollm2-135m, random-llama, random-llama2-7b, a folder"
+        "--models",
+        default="smollm2-135m,random-mid-llama",
+        help="comma list: smollm2-135m, a folder, or random-SHAPE (see shapes.py)",
     )
     parser.add_argument("--sparsities", default="0.2,0.3,0.4,0.5", type=lambda s: [float(x) for x in s.split(",")])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
