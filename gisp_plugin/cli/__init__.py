@@ -15,10 +15,6 @@ COMMANDS = (
 )
 
 
-class UserError(Exception):
-    """A problem with the user's request, reported as one line without a traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gisp", description="Structured pruning of LLMs: pick methods by name, prune, evaluate, compare."
@@ -37,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
-    except (UserError, ValueError, LookupError, OSError) as err:
+    except (ValueError, LookupError, OSError) as err:  # every user-facing error type of the package derives from these
         if args.verbose:
             raise
         print(f"gisp {args.command}: error: {err}", file=sys.stderr)
