@@ -1,0 +1,228 @@
+"""Shared pieces of the head-to-head study scripts (``study_claims``, ``study_ablations``, ``study_cost``).
+
+The study is built on the comparison harness: the quality table is ``gisp compare --config
+benchmarks/configs/quality.yaml --out results/study/quality``, and every other run is a *variant* of
+that configuration (one method with other options, another calibration source or size) run through
+``gisp_plugin.harness.runner.Comparison``. A variant whose calibration matches the quality study runs
+in the quality study's folder, so it shares its cache (the dense model's evaluation, and any identical
+pruning run, are never redone); a variant with other calibration data gets a folder of its own, named
+by what differs. Rows come back labelled with the variant's name.
+
+Statistics: the standard error of a mean accuracy over tasks is ``sqrt(sum se_task^2) / n_tasks``
+(tasks independent); of a difference between two models, ``sqrt(se_1^2 + se_2^2)`` (conservative:
+both models see the same examples, so the paired error is smaller).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gisp_plugin.adapters.api import adapter_for
+from gisp_plugin.anatomy.structures import ModelAnatomy
+from gisp_plugin.harness.config import ComparisonConfig
+from gisp_plugin.harness.runner import Comparison, ComparisonResult, Row
+from gisp_plugin.methods.api import Subnetwork
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+QUALITY_CONFIG = HERE / "configs" / "quality.yaml"
+DEFAULT_ROOT = Path("results/study")
+QUALITY_FOLDER = "quality"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One labelled run: ``method`` with ``options`` (merged over the base config's options for it),
+    and ``config`` overrides of the base ComparisonConfig (``calibration``, ``n_samples``, ...)."""
+
+    label: str
+    method: str
+    options: dict[str, str] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VariantResult:
+    variant: Variant
+    folder: Path
+    dense: Row
+    rows: list[Row]  # relabelled with the variant's label
+    result: ComparisonResult
+    subnetworks: list[Subnetwork] | None = None  # the pruning decisions, when asked for
+    anatomy: ModelAnatomy | None = None
+
+
+def load_base(path: Path | None) -> ComparisonConfig:
+    """The quality study's configuration (or another file, e.g. a tiny one for a smoke test)."""
+    return ComparisonConfig.from_file(path or QUALITY_CONFIG)
+
+
+def variant_config(base: ComparisonConfig, variant: Variant) -> ComparisonConfig:
+    options = {**base.method_options.get(variant.method, {}), **variant.options}
+    data = {**base.to_json(), "methods": [variant.method], "method_options": {variant.method: options}, **variant.config}
+    return ComparisonConfig.from_mapping(data, f"variant {variant.label!r}")
+
+
+def results_folder(root: Path, base: ComparisonConfig, config: ComparisonConfig) -> Path:
+    """The quality folder when the identity (model, dtype, seed, calibration) matches, else one named by the difference."""
+    ours, theirs = config.identity(), base.identity()
+    if ours == theirs:
+        return root / QUALITY_FOLDER
+    diff = "-".join(f"{key}={ours[key]}" for key in sorted(ours) if ours[key] != theirs[key])
+    return root / ("runs-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", diff))
+
+
+def run_variant(base: ComparisonConfig, variant: Variant, root: Path, subnetworks: bool = False) -> VariantResult:
+    """Run (or read from the cache) one variant through the harness; ``subnetworks``: also return its keep masks."""
+    config = variant_config(base, variant)
+    folder = results_folder(root, base, config)
+    log.info("variant %s -> %s", variant.label, folder)
+    comparison = Comparison(config, folder)
+    result = comparison.run()
+    dense = result.rows[0]
+    rows = [Row(variant.label, r.target, r.sparsity, r.metrics, r.details) for r in result.rows[1:]]
+    out = VariantResult(variant, folder, dense, rows, result)
+    if subnetworks:
+        out.subnetworks, _ = comparison.prune(variant.method)  # from the cache the run just filled
+        out.anatomy = adapter_for(comparison.model).anatomy(comparison.model)
+    return out
+
+
+def run_base(base: ComparisonConfig, root: Path) -> ComparisonResult:
+    """The quality study itself (the same call ``gisp compare`` makes; cached after its first run)."""
+    return Comparison(base, root / QUALITY_FOLDER).run()
+
+
+# --- reading metrics -------------------------------------------------------------------------------------
+
+
+def ppl_metric(rows: list[Row]) -> str | None:
+    names = sorted({name for row in rows for name in row.metrics if name.startswith("ppl[")})
+    return names[0] if names else None
+
+
+def mean_acc_stderr(row: Row) -> float | None:
+    """Standard error of ``mean_acc``: per-task stderr of the metric the mean uses, combined."""
+    tasks = {}
+    for spec_details in row.details.values():
+        if isinstance(spec_details, dict) and spec_details.get("evaluator") == "lm_eval":
+            tasks.update(spec_details.get("tasks", {}))
+    errors = []
+    for task, info in tasks.items():
+        used = info.get("mean_uses")
+        if used is None:
+            continue
+        se = row.metrics.get(f"{used}_stderr[{task}]")
+        if se is None:
+            return None
+        errors.append(se)
+    return math.sqrt(sum(e * e for e in errors)) / len(errors) if errors else None
+
+
+def row_summary(row: Row) -> dict[str, Any]:
+    """The numbers a claim looks at: perplexity, mean accuracy and its standard error, achieved sparsity."""
+    ppl = ppl_metric([row])
+    return {
+        "label": row.method,
+        "target": row.target,
+        "sparsity": row.sparsity,
+        "ppl": row.metrics.get(ppl) if ppl else None,
+        "mean_acc": row.metrics.get("mean_acc"),
+        "mean_acc_se": mean_acc_stderr(row),
+    }
+
+
+def by_target(rows: list[Row], label: str) -> dict[float, Row]:
+    return {round(r.target, 4): r for r in rows if r.method == label}
+
+
+def diff_with_error(a: Row, b: Row) -> tuple[float | None, float | None]:
+    """``mean_acc(a) - mean_acc(b)`` and its (conservative) standard error."""
+    if "mean_acc" not in a.metrics or "mean_acc" not in b.metrics:
+        return None, None
+    se_a, se_b = mean_acc_stderr(a), mean_acc_stderr(b)
+    se = math.sqrt(se_a**2 + se_b**2) if se_a is not None and se_b is not None else None
+    return a.metrics["mean_acc"] - b.metrics["mean_acc"], se
+
+
+# --- output ----------------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if math.isinf(value) or math.isnan(value):
+        return str(value)
+    return f"{value:.{digits}f}"
+
+
+def metric_table(rows: list[Row], dense: Row | None, metric: str, digits: int = 2, with_se: bool = False) -> list[str]:
+    """Markdown: one line per label, one column per target (dense first), like the harness's tables."""
+    targets = sorted({r.target for r in rows})
+    labels = list(dict.fromkeys(r.method for r in rows))
+    lines = [f"| variant | dense | {' | '.join(f'{t:.0%}' for t in targets)} |", "|---|---|" + "---|" * len(targets)]
+
+    def cell(row: Row | None) -> str:
+        if row is None or metric not in row.metrics:
+            return "-"
+        text = fmt(row.metrics[metric], digits)
+        if with_se and (se := mean_acc_stderr(row)) is not None:
+            text += f" ± {se:.{digits}f}"
+        return text
+
+    for label in labels:
+        found = by_target(rows, label)
+        cells = [cell(found.get(round(t, 4))) for t in targets]
+        lines.append(f"| {label} | {cell(dense)} | {' | '.join(cells)} |")
+    return lines
+
+
+def sparsity_table(rows: list[Row]) -> list[str]:
+    targets = sorted({r.target for r in rows})
+    labels = list(dict.fromkeys(r.method for r in rows))
+    lines = [f"| variant | {' | '.join(f'{t:.0%}' for t in targets)} |", "|---|" + "---|" * len(targets)]
+    for label in labels:
+        found = by_target(rows, label)
+        lines.append(
+            f"| {label} | {' | '.join(fmt(found[round(t, 4)].sparsity, 4) if round(t, 4) in found else '-' for t in targets)} |"
+        )
+    return lines
+
+
+def save_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str))
+
+
+def plot_metric(rows: list[Row], dense: Row | None, metric: str, path: Path, title: str) -> Path:
+    """Metric against achieved sparsity, one line per label (log scale for perplexity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in dict.fromkeys(r.method for r in rows):
+        points = sorted((r.sparsity, r.metrics[metric]) for r in rows if r.method == label and metric in r.metrics)
+        if dense is not None and metric in dense.metrics:
+            points = [(0.0, dense.metrics[metric]), *points]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xlabel("sparsity (decoder parameters removed)")
+    ax.set_ylabel(metric)
+    if metric.startswith("ppl["):
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,110 @@
+"""The study scripts (benchmarks/study_*.py): --help, and the whole path on a tiny model through the harness."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import SAMPLE_TEXT, tiny_model
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import study_ablations  # noqa: E402
+import study_claims  # noqa: E402
+import study_cost  # noqa: E402
+from study_runs import Variant, load_base, results_folder, variant_config  # noqa: E402
+
+
+@pytest.mark.parametrize("script", [study_claims, study_ablations, study_cost])
+def test_help(script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--out" in capsys.readouterr().out
+
+
+def test_quality_config_parses_and_names_the_seven_tasks():
+    base = load_base(None)
+    assert base.methods == ["gisp", "wanda_sp", "flap", "llm_pruner", "magnitude", "random"]
+    assert base.sparsities == [0.2, 0.3, 0.4, 0.5]
+    tasks = next(e for e in base.evals if e.startswith("lm_eval:"))
+    for task in ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"):
+        assert task in tasks
+
+
+def test_variants_share_the_quality_folder_only_with_the_same_calibration(tmp_path):
+    base = load_base(None)
+    same = variant_config(base, Variant("one-shot", "gisp", {"steps": "1"}))
+    assert same.methods == ["gisp"] and same.method_options == {"gisp": {"steps": "1"}}
+    assert results_folder(tmp_path, base, same) == tmp_path / "quality"
+    other = variant_config(base, Variant("cmqa", "gisp", {"loss": "margin"}, {"calibration": "cmqa-offline"}))
+    assert other.method_options["gisp"] == {"steps": base.method_options["gisp"]["steps"], "loss": "margin"}
+    assert results_folder(tmp_path, base, other) == tmp_path / "runs-calibration=cmqa-offline"
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("study")
+    model_dir = root / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text = root / "text.txt"
+    text.write_text(SAMPLE_TEXT * 40)
+    config = {
+        "model": str(model_dir),
+        "methods": ["gisp", "wanda_sp", "magnitude"],
+        "method_options": {"gisp": {"steps": "2", "batch_size": "4"}},
+        "sparsities": [0.2, 0.4],
+        "evals": [f"perplexity:source=file:{text},seqlen=16,max_windows=4"],
+        "calibration": f"file:{text}",
+        "n_samples": 8,
+        "seqlen": 16,
+    }
+    path = root / "tiny.json"
+    path.write_text(json.dumps(config))
+    return root, path
+
+
+def test_claims_a_and_b_on_a_tiny_model(tiny_study, capsys):
+    root, config = tiny_study
+    out = root / "out"
+    assert study_claims.main(["--config", str(config), "--out", str(out), "--claims", "a,b", "--at", "0.4", "--high", "0.4"]) == 0
+    saved = json.loads((out / "claims.json").read_text())
+    assert saved["a"]["one_shot"] == "gisp steps=1" and set(saved["a"]["per_target"]) == {"0.20", "0.40"}
+    assert saved["a"]["verdict"].startswith(("replicated", "not replicated"))
+    assert "wanda_sp@0.40" in saved["b"]["pairs"]
+    assert (out / "quality" / "cache" / "prune").is_dir()  # the one-shot run shares the quality folder
+    assert "Claim (a)" in capsys.readouterr().out
+
+
+def test_ablations_normalize_reports_block_shares(tiny_study):
+    root, config = tiny_study
+    out = root / "out"
+    argv = ["--config", str(config), "--out", str(out), "--ablations", "normalize", "--normalize", "reference,none"]
+    assert study_ablations.main(argv) == 0
+    saved = json.loads((out / "ablations.json").read_text())
+    blocks = saved["normalize"]["blocks"]
+    for key in ("normalize=reference@0.40", "normalize=none@0.40"):
+        shares = blocks[key]
+        assert shares["attention"]["share_of_pruned"] + shares["mlp"]["share_of_pruned"] == pytest.approx(1.0, abs=1e-12)
+        assert shares["attention"]["pruned"] + shares["mlp"]["pruned"] > 0
+    assert (out / "plots" / "ablation_normalize_layers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cost_measures_every_part_on_a_tiny_model(tiny_study):
+    root, config = tiny_study
+    out = root / "cost"
+    argv = ["--config", str(config), "--out", str(out), "--speed-methods", "magnitude", "--batch", "1", "--seqlen", "8"]
+    argv += ["--repeats", "1", "--decode-tokens", "2", "--bare-repeats", "1"]
+    assert study_cost.main(argv) == 0
+    saved = json.loads((out / "cost.json").read_text())
+    assert [t["method"] for t in saved["time"]] == ["gisp", "wanda_sp", "magnitude"]
+    assert all(t["prune_time_s"] > 0 for t in saved["time"])
+    for probe in saved["memory"]:
+        assert probe["peak_bytes"] >= probe["loaded_bytes"] > 0
+    assert saved["ratio"]["step_over_bare"] > 0 and saved["ratio"]["tokens"] == 8 * 16
+    speeds = {(r["method"], r["target"]) for r in saved["speed"]}
+    assert speeds == {("dense", 0.0), ("magnitude", 0.2), ("magnitude", 0.4)}
+    assert all(r["tokens_per_s"] > 0 for r in saved["speed"])
