@@ -26,6 +26,8 @@ from study_runs import (
     DEFAULT_ROOT,
     Variant,
     VariantResult,
+    add_drop_tasks_argument,
+    dropped,
     fmt,
     load_base,
     metric_table,
@@ -52,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", default="1,4,8,16", help="GISP step counts (default 1,4,8,16)")
     p.add_argument("--n-samples", default="8,32,128", help="calibration windows (default 8,32,128)")
     p.add_argument("--eval", dest="evals", action="append", help="evaluation spec replacing the base config's (repeatable)")
+    add_drop_tasks_argument(p)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--json", type=Path, default=None, help="where to save the results (default OUT/ablations.json)")
     p.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots (default OUT/plots)")
@@ -149,7 +152,9 @@ def summarize(results: list[VariantResult]) -> list[dict]:
 
 def ablation_normalize(base: ComparisonConfig, args, report: list[str], plots: Path) -> dict:
     modes = [m.strip() for m in args.normalize.split(",") if m.strip()]
-    results = [run_variant(base, Variant(f"normalize={m}", "gisp", {"normalize": m}), args.out, subnetworks=True) for m in modes]
+    results = [
+        run_variant(base, Variant(f"normalize={m}", "gisp", {"normalize": m}), args.out, True, dropped(args)) for m in modes
+    ]
     quality_tables(results, "Ablation: block-wise normalisation", report)
     report += [
         "### Where the pruned parameters come from",
@@ -191,7 +196,7 @@ def ablation_normalize(base: ComparisonConfig, args, report: list[str], plots: P
 
 def ablation_steps(base: ComparisonConfig, args, report: list[str], plots: Path) -> dict:
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
-    results = [run_variant(base, Variant(f"steps={s}", "gisp", {"steps": str(s)}), args.out) for s in steps]
+    results = [run_variant(base, Variant(f"steps={s}", "gisp", {"steps": str(s)}), args.out, drop=dropped(args)) for s in steps]
     quality_tables(results, "Ablation: number of GISP steps", report)
     costs = cost_table(results, report)
     ppl = ppl_metric([r for v in results for r in v.rows])
@@ -202,7 +207,9 @@ def ablation_steps(base: ComparisonConfig, args, report: list[str], plots: Path)
 
 def ablation_n_samples(base: ComparisonConfig, args, report: list[str], plots: Path) -> dict:
     sizes = [int(s) for s in args.n_samples.split(",") if s.strip()]
-    results = [run_variant(base, Variant(f"n_samples={n}", "gisp", {}, {"n_samples": n}), args.out) for n in sizes]
+    results = [
+        run_variant(base, Variant(f"n_samples={n}", "gisp", {}, {"n_samples": n}), args.out, drop=dropped(args)) for n in sizes
+    ]
     quality_tables(results, f"Ablation: calibration size ({base.calibration} windows of {base.seqlen} tokens)", report)
     costs = cost_table(results, report)
     ppl = ppl_metric([r for v in results for r in v.rows])

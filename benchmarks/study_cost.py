@@ -82,6 +82,9 @@ def probe_memory(base: ComparisonConfig, method: str) -> dict:
     calibration = None
     if spec.calibration is not None:
         calibration = load_calibration(CalibrationRequest(base.calibration, base.n_samples, base.seqlen, base.seed), tokenizer)
+    with torch.no_grad():  # page the memory-mapped weights in: their first touch is not the method's memory
+        for parameter in model.parameters():
+            parameter.sum()
     loaded = resident_bytes()
     started = time.perf_counter()
     with PeakMemory(model) as memory:

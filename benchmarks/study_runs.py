@@ -79,15 +79,43 @@ def results_folder(root: Path, base: ComparisonConfig, config: ComparisonConfig)
     return root / ("runs-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", diff))
 
 
-def run_variant(base: ComparisonConfig, variant: Variant, root: Path, subnetworks: bool = False) -> VariantResult:
-    """Run (or read from the cache) one variant through the harness; ``subnetworks``: also return its keep masks."""
+def without_tasks(row: Row, drop: frozenset[str], label: str | None = None) -> Row:
+    """``row`` (relabelled) with ``mean_acc`` and its task details restricted to the tasks not in ``drop``.
+
+    For tasks whose accuracy measures which answer a model prefers rather than what it knows: on the 50
+    BoolQ questions evaluated, SmolLM2 scores 0.26 and its pruned models 0.24-0.74, what answering always
+    "no" or always "yes" scores there; such a flip swings a seven-task mean by 0.07.
+    """
+    details = {}
+    for spec, info in row.details.items():
+        if isinstance(info, dict) and info.get("evaluator") == "lm_eval" and drop:
+            info = {**info, "tasks": {t: v for t, v in info["tasks"].items() if t not in drop}, "dropped": sorted(drop)}
+        details[spec] = info
+    metrics = dict(row.metrics)
+    used = [
+        info[info["mean_uses"]]
+        for d in details.values()
+        if isinstance(d, dict) and d.get("evaluator") == "lm_eval"
+        for info in d["tasks"].values()
+        if info.get("mean_uses")
+    ]
+    if drop and "mean_acc" in metrics and used:
+        metrics["mean_acc"] = sum(used) / len(used)
+    return Row(label or row.method, row.target, row.sparsity, metrics, details)
+
+
+def run_variant(
+    base: ComparisonConfig, variant: Variant, root: Path, subnetworks: bool = False, drop: frozenset[str] = frozenset()
+) -> VariantResult:
+    """Run (or read from the cache) one variant through the harness; ``subnetworks``: also return its keep
+    masks; ``drop``: tasks left out of ``mean_acc`` (``without_tasks``)."""
     config = variant_config(base, variant)
     folder = results_folder(root, base, config)
     log.info("variant %s -> %s", variant.label, folder)
     comparison = Comparison(config, folder)
     result = comparison.run()
-    dense = result.rows[0]
-    rows = [Row(variant.label, r.target, r.sparsity, r.metrics, r.details) for r in result.rows[1:]]
+    dense = without_tasks(result.rows[0], drop)
+    rows = [without_tasks(r, drop, variant.label) for r in result.rows[1:]]
     out = VariantResult(variant, folder, dense, rows, result)
     if subnetworks:
         out.subnetworks, _ = comparison.prune(variant.method)  # from the cache the run just filled
@@ -95,9 +123,23 @@ def run_variant(base: ComparisonConfig, variant: Variant, root: Path, subnetwork
     return out
 
 
-def run_base(base: ComparisonConfig, root: Path) -> ComparisonResult:
-    """The quality study itself (the same call ``gisp compare`` makes; cached after its first run)."""
-    return Comparison(base, root / QUALITY_FOLDER).run()
+def run_base(base: ComparisonConfig, root: Path, drop: frozenset[str] = frozenset()) -> tuple[Row, list[Row]]:
+    """The quality study's dense row and method rows (the same run ``gisp compare`` makes; cached after its first)."""
+    rows = [without_tasks(r, drop) for r in Comparison(base, root / QUALITY_FOLDER).run().rows]
+    return rows[0], rows[1:]
+
+
+def add_drop_tasks_argument(parser) -> None:
+    parser.add_argument(
+        "--drop-tasks",
+        default="boolq",
+        help="tasks left out of mean_acc (default boolq: SmolLM2's BoolQ accuracy is its preference for 'yes' or 'no'); "
+        "'' keeps all",
+    )
+
+
+def dropped(args) -> frozenset[str]:
+    return frozenset(t.strip() for t in args.drop_tasks.split(",") if t.strip())
 
 
 # --- reading metrics -------------------------------------------------------------------------------------

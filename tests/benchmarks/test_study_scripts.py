@@ -108,3 +108,22 @@ def test_cost_measures_every_part_on_a_tiny_model(tiny_study):
     speeds = {(r["method"], r["target"]) for r in saved["speed"]}
     assert speeds == {("dense", 0.0), ("magnitude", 0.2), ("magnitude", 0.4)}
     assert all(r["tokens_per_s"] > 0 for r in saved["speed"])
+
+
+def test_without_tasks_recomputes_the_mean_and_its_error_over_the_kept_tasks():
+    from study_runs import mean_acc_stderr, without_tasks
+
+    from gisp_plugin.harness.runner import Row
+
+    tasks = {
+        "boolq": {"acc": 0.9, "acc_stderr": 0.04, "mean_uses": "acc"},
+        "piqa": {"acc": 0.5, "acc_norm": 0.6, "acc_norm_stderr": 0.03, "mean_uses": "acc_norm"},
+        "arc_easy": {"acc": 0.4, "acc_stderr": 0.04, "mean_uses": "acc"},
+    }
+    metrics = {"mean_acc": 0.7, "acc_stderr[boolq]": 0.04, "acc_norm_stderr[piqa]": 0.03, "acc_stderr[arc_easy]": 0.04}
+    row = Row("gisp", 0.5, 0.5, metrics, {"lm_eval:tasks=...": {"evaluator": "lm_eval", "tasks": tasks}})
+    kept = without_tasks(row, frozenset({"boolq"}), "label")
+    assert kept.method == "label" and kept.metrics["mean_acc"] == pytest.approx(0.5)
+    assert mean_acc_stderr(kept) == pytest.approx((0.03**2 + 0.04**2) ** 0.5 / 2)
+    assert row.metrics["mean_acc"] == 0.7 and "boolq" in tasks  # the original is untouched
+    assert without_tasks(row, frozenset()).metrics["mean_acc"] == 0.7
