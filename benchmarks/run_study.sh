@@ -16,5 +16,5 @@ python benchmarks/study_cost.py --out "$OUT"
 python benchmarks/study_ablations.py --out "$OUT" --eval "$PPL" --json "$OUT/ablations_ppl.json"
 # 5. Claim (c) at 128 x 128 tokens of each source (the GISP text run is the calibration-size ablation's).
 python benchmarks/study_claims.py --out "$OUT" --claims c --task-n-samples 128 --json "$OUT/claims_c.json"
-# 6. Ablations with the quality study's evaluations (perplexity + seven tasks).
-python benchmarks/study_ablations.py --out "$OUT" --json "$OUT/ablations.json"
+# 6. The normalisation ablation with the quality study's evaluations (perplexity + seven tasks).
+python benchmarks/study_ablations.py --out "$OUT" --ablations normalize --json "$OUT/ablations.json"

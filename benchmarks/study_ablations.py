@@ -33,6 +33,7 @@ from study_runs import (
     metric_table,
     plot_metric,
     ppl_metric,
+    pruned_by_block,
     row_summary,
     run_variant,
     save_json,
@@ -59,26 +60,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="where to save the results (default OUT/ablations.json)")
     p.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots (default OUT/plots)")
     return p.parse_args(argv)
-
-
-def pruned_by_block(anatomy: ModelAnatomy, keep: KeepMask) -> dict[str, dict[str, float]]:
-    """Per block type: parameters pruned, dense parameters, and the block's share of all pruned parameters."""
-    pruned: dict[str, int] = {}
-    dense: dict[str, int] = {}
-    for layer in anatomy.layers:
-        for name, kind in layer.kinds.items():
-            dense[kind.block] = dense.get(kind.block, 0) + kind.dense_params
-            pruned[kind.block] = pruned.get(kind.block, 0) + kind.dense_params - kind.params_kept(keep[layer.index, name])
-    total = sum(pruned.values()) or 1
-    return {
-        block: {
-            "pruned": pruned[block],
-            "dense": dense[block],
-            "share_of_pruned": pruned[block] / total,
-            "removed": pruned[block] / dense[block],
-        }
-        for block in dense
-    }
 
 
 def per_layer_removed(anatomy: ModelAnatomy, keep: KeepMask) -> dict[str, list[float]]:

@@ -32,6 +32,7 @@ from study_runs import (
     DEFAULT_ROOT,
     Variant,
     add_drop_tasks_argument,
+    block_split,
     by_target,
     diff_with_error,
     dropped,
@@ -189,6 +190,24 @@ def claim_b(args, quality_rows: list[Row], dense: Row, report: list[str]) -> dic
     return {"pairs": results, "verdict": verdict, "summary": summary}
 
 
+def where_methods_cut(base, args, report: list[str]) -> dict:
+    """Fraction of attention and of MLP parameters each method of the quality study removed, per target."""
+    methods = [m for m in ("gisp", *LOCAL_METHODS, *GLOBAL_BASELINES) if m in base.methods]
+    split = block_split(base, args.out, methods)
+    targets = sorted({t for per_target in split.values() for t in per_target})
+    report += [
+        "Where the methods cut: fraction of attention / MLP parameters removed:",
+        "",
+        f"| method | {' | '.join(f'{t:.0%}' for t in targets)} |",
+        "|---|" + "---|" * len(targets),
+    ]
+    for method, per_target in split.items():
+        cells = [f"{per_target[t]['attention']['removed']:.2f} / {per_target[t]['mlp']['removed']:.2f}" for t in targets]
+        report.append(f"| {method} | {' | '.join(cells)} |")
+    report.append("")
+    return {method: {f"{t:.2f}": blocks for t, blocks in per_target.items()} for method, per_target in split.items()}
+
+
 def claim_c(base, args, dense: Row, report: list[str], plots: Path) -> dict:
     n_samples = args.task_n_samples or base.n_samples
     shared = {"n_samples": n_samples}
@@ -324,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         report += ["Achieved sparsity of the quality study:", "", *sparsity_table(quality_rows), ""]
         report += ["Mean accuracy of the quality study (± standard error):", ""]
         report += [*metric_table(quality_rows, dense, "mean_acc", 4, with_se=True), ""]
+        results["b"]["blocks"] = where_methods_cut(base, args, report)
     if "c" in claims:
         results["c"] = claim_c(base, args, dense, report, plots)
     results["wall_s"] = time.perf_counter() - started

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gisp_plugin.adapters.api import adapter_for
-from gisp_plugin.anatomy.structures import ModelAnatomy
+from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
 from gisp_plugin.harness.config import ComparisonConfig
 from gisp_plugin.harness.runner import Comparison, ComparisonResult, Row
 from gisp_plugin.methods.api import Subnetwork
@@ -140,6 +140,33 @@ def add_drop_tasks_argument(parser) -> None:
 
 def dropped(args) -> frozenset[str]:
     return frozenset(t.strip() for t in args.drop_tasks.split(",") if t.strip())
+
+
+def pruned_by_block(anatomy: ModelAnatomy, keep: KeepMask) -> dict[str, dict[str, float]]:
+    """Per block type: parameters pruned, dense parameters, and the block's share of all pruned parameters."""
+    pruned: dict[str, int] = {}
+    dense: dict[str, int] = {}
+    for layer in anatomy.layers:
+        for name, kind in layer.kinds.items():
+            dense[kind.block] = dense.get(kind.block, 0) + kind.dense_params
+            pruned[kind.block] = pruned.get(kind.block, 0) + kind.dense_params - kind.params_kept(keep[layer.index, name])
+    total = sum(pruned.values()) or 1
+    return {
+        block: {
+            "pruned": pruned[block],
+            "dense": dense[block],
+            "share_of_pruned": pruned[block] / total,
+            "removed": pruned[block] / dense[block],
+        }
+        for block in dense
+    }
+
+
+def block_split(base: ComparisonConfig, root: Path, methods: list[str]) -> dict[str, dict[float, dict]]:
+    """Per method of the quality study and target: ``pruned_by_block`` of its subnetwork (from the cache)."""
+    comparison = Comparison(base, root / QUALITY_FOLDER)
+    anatomy = adapter_for(comparison.model).anatomy(comparison.model)
+    return {method: {s.target: pruned_by_block(anatomy, s.keep) for s in comparison.prune(method)[0]} for method in methods}
 
 
 # --- reading metrics -------------------------------------------------------------------------------------

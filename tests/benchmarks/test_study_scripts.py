@@ -75,6 +75,9 @@ def test_claims_a_and_b_on_a_tiny_model(tiny_study, capsys):
     assert saved["a"]["one_shot"] == "gisp steps=1" and set(saved["a"]["per_target"]) == {"0.20", "0.40"}
     assert saved["a"]["verdict"].startswith(("replicated", "not replicated"))
     assert "wanda_sp@0.40" in saved["b"]["pairs"]
+    assert set(saved["b"]["blocks"]) == {"gisp", "wanda_sp"}
+    for blocks in saved["b"]["blocks"]["gisp"].values():
+        assert 0 <= blocks["attention"]["removed"] <= 1 and 0 < blocks["mlp"]["removed"] <= 1
     assert (out / "quality" / "cache" / "prune").is_dir()  # the one-shot run shares the quality folder
     assert "Claim (a)" in capsys.readouterr().out
 
