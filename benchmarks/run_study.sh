@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole head-to-head study of the README's "Results" section, in the order it was run (2 CPU cores,
-# about four hours in all; every step is cached under results/study, so a rerun redoes only what is missing).
+# about 2.5 hours in all; every step is cached under results/study, so a rerun redoes only what is missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/study}
