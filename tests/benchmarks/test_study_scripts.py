@@ -100,7 +100,7 @@ def test_cost_measures_every_part_on_a_tiny_model(tiny_study):
     root, config = tiny_study
     out = root / "cost"
     argv = ["--config", str(config), "--out", str(out), "--speed-methods", "magnitude", "--batch", "1", "--seqlen", "8"]
-    argv += ["--repeats", "1", "--decode-tokens", "2", "--bare-repeats", "1"]
+    argv += ["--repeats", "1", "--decode-tokens", "2", "--bare-repeats", "1", "--memory-repeats", "2"]
     assert study_cost.main(argv) == 0
     saved = json.loads((out / "cost.json").read_text())
     assert [t["method"] for t in saved["time"]] == ["gisp", "wanda_sp", "magnitude"]
