@@ -23,42 +23,38 @@ from pathlib import Path
 
 import torch
 from study_runs import (
-    DEFAULT_ROOT,
     Variant,
     VariantResult,
+    add_common_arguments,
     add_drop_tasks_argument,
     dropped,
     fmt,
     load_base,
     metric_table,
-    plot_metric,
     ppl_metric,
     pruned_by_block,
+    publish,
     row_summary,
     run_variant,
-    save_json,
     sparsity_table,
 )
 
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
 from gisp_plugin.harness.config import ComparisonConfig
+from gisp_plugin.harness.report import plot_metric
 
 ABLATIONS = ("normalize", "steps", "n_samples")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=None, help="base comparison file (default benchmarks/configs/quality.yaml)")
-    p.add_argument("--out", type=Path, default=DEFAULT_ROOT, help="study root; the quality study lives in OUT/quality")
+    add_common_arguments(p, "ablations.json")
     p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"which ablations (default {','.join(ABLATIONS)})")
     p.add_argument("--normalize", default="reference,param_mean,block_mean,none", help="normalisation modes")
     p.add_argument("--steps", default="1,4,8,16", help="GISP step counts (default 1,4,8,16)")
     p.add_argument("--n-samples", default="8,32,128", help="calibration windows (default 8,32,128)")
     p.add_argument("--eval", dest="evals", action="append", help="evaluation spec replacing the base config's (repeatable)")
     add_drop_tasks_argument(p)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--json", type=Path, default=None, help="where to save the results (default OUT/ablations.json)")
-    p.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots (default OUT/plots)")
     return p.parse_args(argv)
 
 
@@ -175,34 +171,27 @@ def ablation_normalize(base: ComparisonConfig, args, report: list[str], plots: P
     }
 
 
-def ablation_steps(base: ComparisonConfig, args, report: list[str], plots: Path) -> dict:
-    steps = [int(s) for s in args.steps.split(",") if s.strip()]
-    results = [run_variant(base, Variant(f"steps={s}", "gisp", {"steps": str(s)}), args.out, drop=dropped(args)) for s in steps]
-    quality_tables(results, "Ablation: number of GISP steps", report)
+def gisp_sweep(base: ComparisonConfig, args, variants: list[Variant], title: str, plot: Path, report: list[str]) -> dict:
+    """GISP variants side by side: quality tables, wall time per variant, and a perplexity plot."""
+    results = [run_variant(base, v, args.out, drop=dropped(args)) for v in variants]
+    quality_tables(results, title, report)
     costs = cost_table(results, report)
-    ppl = ppl_metric([r for v in results for r in v.rows])
-    if ppl:
-        plot_metric([r for v in results for r in v.rows], results[0].dense, ppl, plots / "ablation_steps_ppl.png", "GISP steps")
+    rows = [r for v in results for r in v.rows]
+    if ppl := ppl_metric(rows):
+        plot_metric(rows, results[0].dense, ppl, plot, title)
     return {"variants": summarize(results), "costs": costs}
+
+
+def ablation_steps(base: ComparisonConfig, args, report: list[str], plots: Path) -> dict:
+    variants = [Variant(f"steps={s}", "gisp", {"steps": str(int(s))}) for s in args.steps.split(",") if s.strip()]
+    return gisp_sweep(base, args, variants, "Ablation: number of GISP steps", plots / "ablation_steps_ppl.png", report)
 
 
 def ablation_n_samples(base: ComparisonConfig, args, report: list[str], plots: Path) -> dict:
-    sizes = [int(s) for s in args.n_samples.split(",") if s.strip()]
-    results = [
-        run_variant(base, Variant(f"n_samples={n}", "gisp", {}, {"n_samples": n}), args.out, drop=dropped(args)) for n in sizes
-    ]
-    quality_tables(results, f"Ablation: calibration size ({base.calibration} windows of {base.seqlen} tokens)", report)
-    costs = cost_table(results, report)
-    ppl = ppl_metric([r for v in results for r in v.rows])
-    if ppl:
-        plot_metric(
-            [r for v in results for r in v.rows],
-            results[0].dense,
-            ppl,
-            plots / "ablation_n_samples_ppl.png",
-            "GISP calibration size",
-        )
-    return {"variants": summarize(results), "costs": costs}
+    sizes = [int(n) for n in args.n_samples.split(",") if n.strip()]
+    variants = [Variant(f"n_samples={n}", "gisp", {}, {"n_samples": n}) for n in sizes]
+    title = f"Ablation: calibration size ({base.calibration} windows of {base.seqlen} tokens)"
+    return gisp_sweep(base, args, variants, title, plots / "ablation_n_samples_ppl.png", report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,12 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         results[name] = runners[name](base, args, report, plots)
     results["wall_s"] = time.perf_counter() - started
-    text = "\n".join(report)
-    print(text)
-    json_path = args.json or args.out / "ablations.json"
-    save_json(json_path, {**results, "markdown": text})
-    json_path.with_suffix(".md").write_text(text)
-    print(f"saved {json_path} and {json_path.with_suffix('.md')}; plots in {plots}; {fmt(results['wall_s'], 0)} s")
+    publish(report, results, args.json or args.out / "ablations.json", f"; plots in {plots}; {fmt(results['wall_s'], 0)} s")
     return 0
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 from study_runs import (
-    DEFAULT_ROOT,
     Variant,
+    add_common_arguments,
     add_drop_tasks_argument,
     block_split,
     by_target,
@@ -39,15 +39,15 @@ from study_runs import (
     fmt,
     load_base,
     metric_table,
-    plot_metric,
     ppl_metric,
+    publish,
     row_summary,
     run_base,
     run_variant,
-    save_json,
     sparsity_table,
 )
 
+from gisp_plugin.harness.report import plot_metric
 from gisp_plugin.harness.runner import Row
 
 LOCAL_METHODS = ("wanda_sp", "llm_pruner")
@@ -56,8 +56,7 @@ GLOBAL_BASELINES = ("flap",)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=None, help="base comparison file (default benchmarks/configs/quality.yaml)")
-    p.add_argument("--out", type=Path, default=DEFAULT_ROOT, help="study root; the quality study lives in OUT/quality")
+    add_common_arguments(p, "claims.json")
     p.add_argument("--claims", default="a,b,c", help="which claims to check (default a,b,c)")
     p.add_argument("--one-shot-steps", type=int, default=1, help="GISP steps of the one-shot run (default 1)")
     p.add_argument("--at", type=float, default=0.5, help="claim (a)'s sparsity (default 0.5)")
@@ -72,9 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--task-sparsities", default=None, help="claim (c)'s sparsities (default: the base config's)")
     add_drop_tasks_argument(p)
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--json", type=Path, default=None, help="where to save the results (default OUT/claims.json)")
-    p.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots (default OUT/plots)")
     return p.parse_args(argv)
 
 
@@ -347,12 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if "c" in claims:
         results["c"] = claim_c(base, args, dense, report, plots)
     results["wall_s"] = time.perf_counter() - started
-    text = "\n".join(report)
-    print(text)
-    json_path = args.json or args.out / "claims.json"
-    save_json(json_path, {**results, "markdown": text})
-    (json_path.with_suffix(".md")).write_text(text)
-    print(f"saved {json_path} and {json_path.with_suffix('.md')}; plots in {plots}")
+    publish(report, results, args.json or args.out / "claims.json", f"; plots in {plots}")
     return 0
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from compaction import lm_head_params, measure_folder_in_subprocess
 from gisp_steps import paired_timing
-from study_runs import DEFAULT_ROOT, QUALITY_FOLDER, fmt, load_base, save_json
+from study_runs import QUALITY_FOLDER, add_common_arguments, fmt, load_base, publish
 
 from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.data.api import CalibrationRequest
@@ -51,8 +51,7 @@ MiB = 2**20
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=None, help="base comparison file (default benchmarks/configs/quality.yaml)")
-    p.add_argument("--out", type=Path, default=DEFAULT_ROOT, help="study root; the quality study lives in OUT/quality")
+    add_common_arguments(p, "cost.json", plots=False)
     p.add_argument("--parts", default=",".join(PARTS), help=f"what to measure (default {','.join(PARTS)})")
     p.add_argument("--speed-methods", default="gisp,wanda_sp,flap,llm_pruner", help="methods whose compacted models are timed")
     p.add_argument("--batch", type=int, default=4, help="prefill batch (default 4)")
@@ -63,8 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--memory-repeats", type=int, default=3, help="fresh processes per method; the smallest peak is kept (default 3)"
     )
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    p.add_argument("--json", type=Path, default=None, help="where to save the results (default OUT/cost.json)")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -260,12 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     if "speed" in parts:
         out["speed"] = speed(comparison, args, report)
     out["wall_s"] = time.perf_counter() - started
-    text = "\n".join(report)
-    print(text)
-    json_path = args.json or args.out / "cost.json"
-    save_json(json_path, {**out, "markdown": text})
-    json_path.with_suffix(".md").write_text(text)
-    print(f"saved {json_path} and {json_path.with_suffix('.md')}")
+    publish(report, out, args.json or args.out / "cost.json")
     return 0
 
 

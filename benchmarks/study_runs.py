@@ -265,33 +265,23 @@ def sparsity_table(rows: list[Row]) -> list[str]:
     return lines
 
 
-def save_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=str))
+def publish(report: list[str], results: dict[str, Any], json_path: Path, footer: str = "") -> None:
+    """Print the markdown report and save it twice: inside the results JSON and as ``.md`` beside it."""
+    text = "\n".join(report)
+    print(text)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps({**results, "markdown": text}, indent=1, default=str))
+    json_path.with_suffix(".md").write_text(text)
+    print(f"saved {json_path} and {json_path.with_suffix('.md')}{footer}")
 
 
-def plot_metric(rows: list[Row], dense: Row | None, metric: str, path: Path, title: str) -> Path:
-    """Metric against achieved sparsity, one line per label (log scale for perplexity)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label in dict.fromkeys(r.method for r in rows):
-        points = sorted((r.sparsity, r.metrics[metric]) for r in rows if r.method == label and metric in r.metrics)
-        if dense is not None and metric in dense.metrics:
-            points = [(0.0, dense.metrics[metric]), *points]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    ax.set_xlabel("sparsity (decoder parameters removed)")
-    ax.set_ylabel(metric)
-    if metric.startswith("ppl["):
-        ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+def add_common_arguments(parser, default_json: str, plots: bool = True) -> None:
+    """The options every study script shares: base config, study root, threads, JSON path (and plots)."""
+    parser.add_argument(
+        "--config", type=Path, default=None, help="base comparison file (default benchmarks/configs/quality.yaml)"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_ROOT, help="study root; the quality study lives in OUT/quality")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help=f"where to save the results (default OUT/{default_json})")
+    if plots:
+        parser.add_argument("--plots", type=Path, default=None, help="folder for the PNG plots (default OUT/plots)")

@@ -109,34 +109,42 @@ def write_csv(rows: list[Row], path: Path) -> None:
             writer.writerow([r.method, r.target, f"{r.sparsity:.6f}", *(r.metrics.get(m, "") for m in metrics)])
 
 
-def write_plots(rows: list[Row], folder: Path) -> list[Path]:
-    """One PNG per headline metric: the metric against sparsity, one line per method, dense at 0."""
+def plot_metric(rows: list[Row], dense: Row | None, metric: str, path: Path, title: str | None = None) -> Path:
+    """``metric`` against achieved sparsity, one line per method (first-seen order), ``dense`` at 0; log
+    scale for perplexity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in _method_order(rows):
+        points = sorted((r.sparsity, r.metrics[metric]) for r in rows if r.method == method and metric in r.metrics)
+        if dense is not None and metric in dense.metrics:
+            points = [(0.0, dense.metrics[metric]), *points]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    ax.set_xlabel("sparsity (decoder parameters removed)")
+    ax.set_ylabel(metric)
+    if metric.startswith("ppl["):
+        ax.set_yscale("log")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(rows: list[Row], folder: Path) -> list[Path]:
+    """One PNG per headline metric: the metric against sparsity, one line per method, dense at 0."""
     dense = next((r for r in rows if r.method == "dense"), None)
     paths = []
     for metric in headline_metrics(rows):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method in _method_order(rows):
-            points = sorted((r.sparsity, r.metrics[metric]) for r in rows if r.method == method and metric in r.metrics)
-            if dense and metric in dense.metrics:
-                points = [(0.0, dense.metrics[metric]), *points]
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
-        ax.set_xlabel("sparsity (decoder parameters removed)")
-        ax.set_ylabel(metric)
-        if metric.startswith("ppl["):
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
         safe = "".join(ch if ch.isalnum() else "_" for ch in metric).strip("_")
-        path = folder / f"{safe}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(plot_metric(rows, dense, metric, folder / f"{safe}.png"))
     return paths
 
 
