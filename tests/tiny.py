@@ -77,6 +77,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
 
 
+def tiny_folder(root, family: str, tokenizer) -> tuple:
+    """A saved tiny ``family`` model with ``tokenizer`` in ``root/tiny-FAMILY``, and a text file of
+    SAMPLE_TEXT repeated: what a comparison config needs for its model and its data."""
+    model_dir = root / f"tiny-{family}"
+    tiny_model(family).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text = root / "text.txt"
+    text.write_text(SAMPLE_TEXT * 40)
+    return model_dir, text
+
+
 def random_ids(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 

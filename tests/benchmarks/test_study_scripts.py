@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny import SAMPLE_TEXT, tiny_model
+from tests.tiny import tiny_folder
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
@@ -47,11 +47,7 @@ def test_variants_share_the_quality_folder_only_with_the_same_calibration(tmp_pa
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("study")
-    model_dir = root / "tiny-llama"
-    tiny_model("llama").save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    text = root / "text.txt"
-    text.write_text(SAMPLE_TEXT * 40)
+    model_dir, text = tiny_folder(root, "llama", tokenizer)
     config = {
         "model": str(model_dir),
         "methods": ["gisp", "wanda_sp", "magnitude"],

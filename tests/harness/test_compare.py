@@ -9,17 +9,13 @@ from gisp_plugin.cli import main
 from gisp_plugin.harness.cache import ResultCache
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
 from gisp_plugin.harness.runner import run_comparison
-from tests.tiny import SAMPLE_TEXT, tiny_model
+from tests.tiny import tiny_folder
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("compare")
-    model_dir = root / "tiny-qwen2"
-    tiny_model("qwen2").save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    text = root / "text.txt"
-    text.write_text(SAMPLE_TEXT * 40)
+    model_dir, text = tiny_folder(root, "qwen2", tokenizer)
     return root, model_dir, text
 
 
