@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 VOCAB = 320
 SAMPLE_TEXT = (
@@ -21,40 +14,182 @@ SAMPLE_TEXT = (
     "Calibration text drives the importance scores; evaluation text must be held apart. "
 )
 
+# Each family as its published checkpoints configure it: the field names of a real config.json (named in
+# the comment), with sizes shrunk. Where a checkpoint sets no head_dim, none is set here either; tied
+# embeddings and sliding-window fields are as published. Sizes: hidden 48, 32 MLP channels, vocab 320.
 FAMILIES = {
-    # plain multi-head attention
-    "llama": (LlamaConfig, LlamaForCausalLM, {"num_attention_heads": 4, "num_key_value_heads": 4}),
-    # grouped-query attention with a sliding window
-    "mistral": (
-        MistralConfig,
-        MistralForCausalLM,
-        {"num_attention_heads": 8, "num_key_value_heads": 2, "sliding_window": 16},
-    ),
-    # q/k/v biases, grouped-query attention
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"num_attention_heads": 6, "num_key_value_heads": 2}),
+    # meta-llama/Llama-2-7b-hf: multi-head attention, no head_dim (48 / 6 = 8)
+    "llama": {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 6,
+        "pretraining_tp": 1,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+    },
+    # mistralai/Mistral-Nemo-Base-2407: GQA, head_dim set and != hidden / heads (8 * 8 = 64 != 48)
+    "mistral": {
+        "model_type": "mistral",
+        "architectures": ["MistralForCausalLM"],
+        "attention_dropout": 0.0,
+        "head_dim": 8,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "sliding_window": 16,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+    },
+    # Qwen/Qwen2.5-0.5B: q/k/v biases, GQA, tied embeddings, sliding-window fields present but off, no head_dim
+    "qwen2": {
+        "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_window_layers": 24,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "use_sliding_window": False,
+    },
+    # Qwen/Qwen3-0.6B: per-head q_norm/k_norm, head_dim 16 != 48 / 4, tied embeddings
+    "qwen3": {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_window_layers": 28,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "use_sliding_window": False,
+    },
+    # google/gemma-2-2b: soft-capping, query_pre_attn_scalar, alternating sliding/global layers, extra norms
+    "gemma2": {
+        "model_type": "gemma2",
+        "architectures": ["Gemma2ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": 50.0,
+        "cache_implementation": "hybrid",
+        "final_logit_softcapping": 30.0,
+        "head_dim": 16,
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "initializer_range": 0.02,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "query_pre_attn_scalar": 16,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0,
+        "sliding_window": 8,
+        "use_cache": True,
+    },
+    # google/gemma-3-1b-it (text): q_norm/k_norm, one kv head, local/global pattern with its own rope base
+    "gemma3": {
+        "model_type": "gemma3_text",
+        "architectures": ["Gemma3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": None,
+        "cache_implementation": "hybrid",
+        "final_logit_softcapping": None,
+        "head_dim": 16,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "initializer_range": 0.02,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "query_pre_attn_scalar": 16,
+        "rms_norm_eps": 1e-06,
+        "rope_local_base_freq": 10000,
+        "rope_scaling": None,
+        "rope_theta": 1000000,
+        "sliding_window": 8,
+        "sliding_window_pattern": 2,
+        "use_cache": True,
+    },
+    # microsoft/Phi-3-mini-4k-instruct: fused qkv_proj and gate_up_proj, multi-head attention, no head_dim
+    "phi3": {
+        "model_type": "phi3",
+        "architectures": ["Phi3ForCausalLM"],
+        "attention_dropout": 0.0,
+        "embd_pdrop": 0.0,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 6,
+        "original_max_position_embeddings": 128,
+        "resid_pdrop": 0.0,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "sliding_window": 127,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+    },
+    # microsoft/Phi-4-mini-instruct: fused projections, GQA, partial rotary, tied embeddings
+    "phi4mini": {
+        "model_type": "phi3",
+        "architectures": ["Phi3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "embd_pdrop": 0.0,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "original_max_position_embeddings": 128,
+        "partial_rotary_factor": 0.75,
+        "resid_pdrop": 0.0,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "sliding_window": 262144,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+    },
 }
+SIZES = {"hidden_size": 48, "intermediate_size": 32, "vocab_size": VOCAB, "max_position_embeddings": 128}
+TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+# Gemma 2 soft-caps attention logits, which SDPA cannot do: transformers refuses SDPA for it.
+EAGER_ONLY = {"gemma2"}
+
+
+def tiny_config(family: str = "llama", layers: int = 3, attn: str = "eager", **overrides):
+    """The config of a tiny ``family`` model, built the way transformers reads a published config.json."""
+    fields = {**FAMILIES[family], **SIZES, **TOKENS, "num_hidden_layers": layers, **overrides}
+    config = CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
+    config._attn_implementation = attn
+    return config
 
 
 def tiny_model(family: str = "llama", seed: int = 0, layers: int = 3, attn: str = "eager", **overrides):
-    """A random model of the given family: hidden 48, head_dim 8, 32 MLP channels, vocab 320."""
-    config_cls, model_cls, extra = FAMILIES[family]
-    values = dict(
-        vocab_size=VOCAB,
-        hidden_size=48,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        head_dim=8,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        attn_implementation=attn,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
-    values.update(extra)
-    values.update(overrides)
+    """A random tiny model of a family as published (see ``FAMILIES``), with non-trivial norms and biases."""
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**values)).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(family, layers, attn, **overrides)).eval()
     with torch.no_grad():  # random init keeps norms at 1 and biases at 0: make them non-trivial
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):

@@ -69,8 +69,7 @@ def fluctuation_channel_scores(weight: torch.Tensor, stats: ChannelStats, metric
 
 def units_from_channels(channel_scores: torch.Tensor, kind: StructureKind, reduce: Literal["sum", "mean"]) -> torch.Tensor:
     """Sum or average the channel scores of each unit's ``width`` consecutive columns (float64 ``[count]``)."""
-    width = input_channel_slice(kind).width
-    per_unit = channel_scores.double().reshape(kind.count, width)
+    per_unit = input_channel_slice(kind).per_unit(channel_scores.double(), kind.count)
     if reduce == "sum":
         return per_unit.sum(1)
     if reduce == "mean":
@@ -92,5 +91,5 @@ def compensation_bias(weight: torch.Tensor, mean: torch.Tensor, keep_units: torc
     ``keep_units`` are the kind's keep flags; a removed unit removes its ``width`` input columns.
     Returns float64 ``[out]`` (all zeros when nothing is removed).
     """
-    removed = ~keep_units.to(weight.device).repeat_interleave(input_channel_slice(kind).width)
+    removed = ~input_channel_slice(kind).keep_mask(keep_units.to(weight.device), weight.shape).flatten()
     return weight[:, removed] @ mean.to(weight.device, torch.float64)[removed]

@@ -53,10 +53,9 @@ def salience(weight: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor | None,
 
 def slice_unit_scores(element: torch.Tensor, tensor_slice: TensorSlice, count: int, vectorize: bool) -> torch.Tensor:
     """Per-unit importance (float64 ``[count]``) of one slice: channels along ``axis``, ``width`` per unit."""
-    other = 1 - tensor_slice.axis
     element = element.double()
-    per_channel = element.sum(other).abs() if vectorize else element.abs().sum(other)
-    return per_channel.reshape(count, tensor_slice.width).sum(1)
+    per_channel = tensor_slice.along_axis(element).abs() if vectorize else tensor_slice.along_axis(element.abs())
+    return tensor_slice.per_unit(per_channel, count).sum(1)
 
 
 def _weight_slices(slices) -> list[TensorSlice]:

@@ -8,6 +8,7 @@ score, mask, count or compact structures follows from that declaration.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,14 +16,17 @@ import torch
 
 @dataclass(frozen=True)
 class TensorSlice:
-    """A tensor whose index ``axis`` is cut into runs of ``width``, one run per structure unit.
+    """A run of ``width`` indices along ``axis`` of a tensor for each structure unit, from ``offset`` on.
 
-    ``path`` is relative to the decoder layer module, e.g. ``"self_attn.q_proj.weight"``.
+    ``path`` is relative to the decoder layer module, e.g. ``"self_attn.q_proj.weight"``. Unit ``u``
+    owns indices ``offset + u * width`` to ``offset + (u + 1) * width`` along ``axis``; a fused tensor
+    (Phi-3's ``qkv_proj``, ``gate_up_proj``) carries several slices at different offsets.
     """
 
     path: str
     axis: int
     width: int
+    offset: int = 0
 
     @property
     def module_path(self) -> str:
@@ -31,6 +35,31 @@ class TensorSlice:
     @property
     def tensor_name(self) -> str:
         return self.path.rsplit(".", 1)[1]
+
+    def stop(self, count: int) -> int:
+        """The first index along ``axis`` after the last of ``count`` units."""
+        return self.offset + count * self.width
+
+    def along_axis(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over every dimension but ``axis``: one value per index along it."""
+        other = [d for d in range(tensor.dim()) if d != self.axis]
+        return tensor.sum(other) if other else tensor
+
+    def per_unit(self, values: torch.Tensor, count: int) -> torch.Tensor:
+        """The values along ``axis`` that belong to the units, shaped ``[count, width]``."""
+        return values[self.offset : self.stop(count)].reshape(count, self.width)
+
+    def params_per_unit(self, shape: torch.Size) -> int:
+        """Elements of a tensor of ``shape`` that one unit owns."""
+        return self.width * (math.prod(shape) // shape[self.axis])
+
+    def keep_mask(self, flags: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A bool mask broadcastable to ``shape``: False on the indices of units whose flag is False."""
+        along = torch.ones(shape[self.axis], dtype=torch.bool, device=flags.device)
+        along[self.offset : self.stop(flags.numel())] = flags.repeat_interleave(self.width)
+        view = [1] * len(shape)
+        view[self.axis] = -1
+        return along.reshape(view)
 
 
 @dataclass(frozen=True)

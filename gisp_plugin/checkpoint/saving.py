@@ -20,10 +20,10 @@ from transformers import PreTrainedModel
 
 import gisp_plugin
 from gisp_plugin.compaction import modeling_gisp_pruned
-from gisp_plugin.compaction.modeling_gisp_pruned import PRUNED_CLASSES
+from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
 
 RECORD_FILE = "pruning.json"
-RECORD_FORMAT = "gisp-pruned/1"
+RECORD_FORMAT = "gisp-pruned/2"
 
 
 class CheckpointError(OSError):
@@ -91,6 +91,11 @@ def read_record(path: str | Path) -> dict[str, Any]:
         record = json.loads(record_file.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{record_file} is corrupt: {err}") from err
+    if record.get("format") == "gisp-pruned/1":
+        raise CheckpointError(
+            f"{str(path)!r} was saved by an older gisp-plugin (format gisp-pruned/1); load it with "
+            "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True), or prune again"
+        )
     if record.get("format") != RECORD_FORMAT:
         raise CheckpointError(f"{record_file} has format {record.get('format')!r}, expected {RECORD_FORMAT!r}")
     return record
@@ -114,15 +119,16 @@ def load_pruned(
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path / 'config.json'} is missing or corrupt: {err}") from err
     family = config_data.get("pruning_base_model_type")
-    if family not in PRUNED_CLASSES:
+    try:
+        _, model_cls = pruned_classes(family)
+    except KeyError as err:
         raise CheckpointError(
-            f"{str(path)!r} has config model_type {config_data.get('model_type')!r}, "
-            f"not a gisp-plugin pruned family ({', '.join(PRUNED_CLASSES)})"
-        )
+            f"{str(path)!r} has config model_type {config_data.get('model_type')!r}, not a gisp-plugin pruned model "
+            f"of a family this transformers knows ({err})"
+        ) from err
     weights = list(path.glob("*.safetensors"))
     if not weights:
         raise CheckpointError(f"{str(path)!r} has no safetensors weights")
-    _, model_cls = PRUNED_CLASSES[family]
     kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -1,150 +1,102 @@
-"""Hugging Face modelling code for structurally pruned Llama-family models.
+"""Hugging Face modelling code for structurally pruned models of any Llama-like family.
 
 This file is copied next to every saved pruned model so that it loads with plain
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``: it depends only on torch and
-transformers. Each decoder layer may keep a different number of query heads, key/value heads and MLP
-channels (``config.pruned_layers``); query heads may be spread unevenly over key/value heads
-(``kv_map``), which the stock ``repeat_kv`` cannot express. A layer with no heads (or no channels)
-contributes only its output bias, if it has one.
+transformers. A pruned model is the family's own model (its attention, norms, rotary embeddings,
+soft-capping and scaling untouched) whose projections are resized layer by layer to the shapes in
+``config.pruned_layers``:
+
+- ``modules``: every resized linear layer (relative to the decoder layer) with its new shape; ``gather``
+  lists output rows to repeat, so that under uneven grouped-query attention each query head gets its
+  own copy of the key/value head it reads (the family's ``repeat_kv`` needs equal groups);
+- ``attention``: the head counts the family's attention reads at run time. A layer without query heads
+  only keeps the key/value cache in step and adds its output bias, if any.
+
+The classes are made on first use for any family transformers knows, named after its config class:
+``GispPrunedQwen2Config`` and ``GispPrunedQwen2ForCausalLM``, ``GispPrunedGemma3TextConfig`` and
+``GispPrunedGemma3TextForCausalLM``.
 """
 
 from __future__ import annotations
 
+import types
 import warnings
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.configuration_llama import LlamaConfig
-from transformers.models.llama.modeling_llama import (
-    LlamaForCausalLM,
-    apply_rotary_pos_emb,
-    eager_attention_forward,
-)
-from transformers.models.mistral.configuration_mistral import MistralConfig
-from transformers.models.mistral.modeling_mistral import MistralForCausalLM
-from transformers.models.qwen2.configuration_qwen2 import Qwen2Config
-from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+PREFIX = "GispPruned"
 
 
-def _even_groups(kv_map: list[int], num_kv_heads: int) -> int:
-    """The group size when query heads split into equal contiguous groups per kv head, else 0."""
-    if num_kv_heads == 0 or len(kv_map) % num_kv_heads:
-        return 0
-    group = len(kv_map) // num_kv_heads
-    return group if kv_map == [i // group for i in range(len(kv_map))] else 0
+class GatheredLinear(nn.Linear):
+    """A linear layer whose output rows are picked (and repeated) by ``gather``."""
 
-
-def _sliding_window(config, layer_idx: int) -> int | None:
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return config.sliding_window if layer_types[layer_idx] == "sliding_attention" else None
-    return getattr(config, "sliding_window", None)
-
-
-class PrunedAttention(nn.Module):
-    """Attention with any number of query heads, each mapped to one of the remaining kv heads."""
-
-    def __init__(self, config, layer_idx: int, spec: dict):
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = config.head_dim
-        self.hidden_size = config.hidden_size
-        self.num_heads = spec["num_heads"]
-        self.num_kv_heads = spec["num_kv_heads"]
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
-        self.sliding_window = _sliding_window(config, layer_idx)
-        group = _even_groups(spec["kv_map"], self.num_kv_heads)
-        # Equal contiguous groups use the stock GQA path; otherwise kv heads are gathered per query head.
-        self.num_key_value_groups = group or 1
-        self.kv_map = list(spec["kv_map"])
-        self.gather_kv = group == 0 and self.num_heads > 0
-        self._kv_index: dict[torch.device, torch.Tensor] = {}
-
-        d, h = self.head_dim, self.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=spec["qkv_bias"])
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=spec["qkv_bias"])
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=spec["qkv_bias"])
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=spec["o_bias"])
-
-    def _kv_index_on(self, device: torch.device) -> torch.Tensor:
-        if device not in self._kv_index:
-            self._kv_index[device] = torch.tensor(self.kv_map, dtype=torch.long, device=device)
-        return self._kv_index[device]
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        attention_mask: torch.Tensor | None = None,
-        cache=None,
-        past_key_values=None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cache = cache if cache is not None else past_key_values
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        batch, seq = input_shape
-
-        if self.num_heads == 0:
-            if cache is not None:  # keep the cache's sequence length right for the layers after this one
-                empty = hidden_states.new_zeros(batch, 0, seq, self.head_dim)
-                cache.update(empty, empty, self.layer_idx)
-            return self.o_proj(hidden_states.new_zeros(*input_shape, 0)), None
-
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-        if self.gather_kv:
-            key = key.index_select(1, self._kv_index_on(key.device))
-            value = value.index_select(1, self._kv_index_on(key.device))
-
-        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
-        output, weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
-        )
-        output = output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(output), weights
-
-
-class PrunedMLP(nn.Module):
-    """Gated MLP with this layer's own number of channels (possibly zero) and optional output bias."""
-
-    def __init__(self, config, spec: dict):
-        super().__init__()
-        h, channels = config.hidden_size, spec["intermediate_size"]
-        self.gate_proj = nn.Linear(h, channels, bias=spec["mlp_bias"])
-        self.up_proj = nn.Linear(h, channels, bias=spec["mlp_bias"])
-        self.down_proj = nn.Linear(channels, h, bias=spec["down_bias"])
-        self.act_fn = ACT2FN[config.hidden_act]
+    def __init__(self, in_features: int, out_features: int, bias: bool, gather: list[int]):
+        super().__init__(in_features, out_features, bias=bias)
+        self.gather = list(gather)
+        self._index: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        out = super().forward(x)
+        if out.device not in self._index:
+            self._index[out.device] = torch.tensor(self.gather, dtype=torch.long, device=out.device)
+        return out.index_select(-1, self._index[out.device])
+
+
+class LayerConfigView:
+    """The model's config as one layer sees it: a few fields (head counts) overridden, the rest shared.
+
+    Reads and writes of other fields go to the shared config, so a later change of the attention
+    implementation reaches every layer.
+    """
+
+    def __init__(self, base, overrides: dict):
+        object.__setattr__(self, "_base", base)
+        object.__setattr__(self, "_overrides", dict(overrides))
+
+    def __getattr__(self, name: str):
+        overrides = object.__getattribute__(self, "_overrides")
+        return overrides[name] if name in overrides else getattr(object.__getattribute__(self, "_base"), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(object.__getattribute__(self, "_base"), name, value)
+
+
+def _no_heads_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    """Attention of a layer that lost every query head: output bias only, key/value cache kept in step."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    batch, seq = hidden_states.shape[:-1]
+    if cache is not None:  # the cache's sequence length must stay right for the layers after this one
+        empty = hidden_states.new_zeros(batch, 0, seq, self.head_dim)
+        cache.update(empty, empty, self.layer_idx)
+    output = getattr(self, self.gisp_output_projection)
+    return output(hidden_states.new_zeros(batch, seq, 0)), None
+
+
+def _resized_linear(spec: dict) -> nn.Linear:
+    if spec.get("gather") is not None:
+        return GatheredLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["gather"])
+    return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
 
 
 def install_pruned_layers(model: nn.Module, config) -> None:
-    """Replace each decoder layer's attention and MLP by pruned modules sized from ``config.pruned_layers``."""
+    """Resize each decoder layer's projections and set its head counts from ``config.pruned_layers``."""
     with warnings.catch_warnings():  # a fully pruned block has zero-size weights; initialising them is a no-op
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-        for idx, (layer, spec) in enumerate(zip(model.model.layers, config.pruned_layers, strict=True)):
-            layer.self_attn = PrunedAttention(config, idx, spec)
-            layer.mlp = PrunedMLP(config, spec)
+        for layer, spec in zip(model.model.layers, config.pruned_layers, strict=True):
+            for path, module_spec in spec["modules"].items():
+                layer.set_submodule(path, _resized_linear(module_spec))
+            attention = spec["attention"]
+            attn = layer.get_submodule(attention["module"])
+            heads = {key: attention[key] for key in ("num_key_value_heads", "num_key_value_groups")}
+            for key, value in heads.items():
+                setattr(attn, key, value)
+            attn.config = LayerConfigView(config, {"num_attention_heads": attention["num_heads"], **heads})
+            if attention["num_heads"] == 0:
+                attn.gisp_output_projection = attention["output_projection"]
+                attn.forward = types.MethodType(_no_heads_forward, attn)
 
 
 class _PrunedConfigMixin:
@@ -154,44 +106,45 @@ class _PrunedConfigMixin:
         self.pruned_layers = pruned_layers or []
         self.pruning_base_model_type = pruning_base_model_type
         super().__init__(**kwargs)
-        if getattr(self, "head_dim", None) is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
 
 
 class _PrunedModelMixin:
-    """Builds the family's model, then swaps in layers of the recorded pruned shapes."""
+    """Builds the family's model, then resizes its layers to the recorded pruned shapes."""
 
     def __init__(self, config):
         super().__init__(config)
         install_pruned_layers(self, config)
 
 
-class GispPrunedLlamaConfig(_PrunedConfigMixin, LlamaConfig):
-    model_type = "gisp_pruned_llama"
+_CLASSES: dict[str, tuple[type, type]] = {}
 
 
-class GispPrunedMistralConfig(_PrunedConfigMixin, MistralConfig):
-    model_type = "gisp_pruned_mistral"
+def pruned_classes(model_type: str) -> tuple[type, type]:
+    """The pruned config and causal-LM classes of a family (``config.model_type`` of the dense model)."""
+    if model_type not in _CLASSES:
+        if model_type not in CONFIG_MAPPING_NAMES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise KeyError(f"transformers has no causal language model of type {model_type!r}")
+        config_cls = CONFIG_MAPPING[model_type]
+        model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+        pruned_config = type(
+            f"{PREFIX}{config_cls.__name__}",
+            (_PrunedConfigMixin, config_cls),
+            {"model_type": f"gisp_pruned_{model_type}", "__module__": __name__},
+        )
+        stem = config_cls.__name__.removesuffix("Config")  # config class names are unique, model class names not
+        pruned_model = type(
+            f"{PREFIX}{stem}ForCausalLM", (_PrunedModelMixin, model_cls), {"config_class": pruned_config, "__module__": __name__}
+        )
+        _CLASSES[model_type] = (pruned_config, pruned_model)
+    return _CLASSES[model_type]
 
 
-class GispPrunedQwen2Config(_PrunedConfigMixin, Qwen2Config):
-    model_type = "gisp_pruned_qwen2"
-
-
-class GispPrunedLlamaForCausalLM(_PrunedModelMixin, LlamaForCausalLM):
-    config_class = GispPrunedLlamaConfig
-
-
-class GispPrunedMistralForCausalLM(_PrunedModelMixin, MistralForCausalLM):
-    config_class = GispPrunedMistralConfig
-
-
-class GispPrunedQwen2ForCausalLM(_PrunedModelMixin, Qwen2ForCausalLM):
-    config_class = GispPrunedQwen2Config
-
-
-PRUNED_CLASSES = {
-    "llama": (GispPrunedLlamaConfig, GispPrunedLlamaForCausalLM),
-    "mistral": (GispPrunedMistralConfig, GispPrunedMistralForCausalLM),
-    "qwen2": (GispPrunedQwen2Config, GispPrunedQwen2ForCausalLM),
-}
+def __getattr__(name: str) -> type:
+    """``GispPrunedQwen2Config`` and the like, for ``auto_map`` in a saved folder's config."""
+    stem = name.removeprefix(PREFIX).removesuffix("Config").removesuffix("ForCausalLM")
+    for model_type, config_name in CONFIG_MAPPING_NAMES.items():
+        if name.startswith(PREFIX) and config_name == f"{stem}Config" and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            pruned_config, pruned_model = pruned_classes(model_type)
+            if name in (pruned_config.__name__, pruned_model.__name__):
+                return pruned_config if name == pruned_config.__name__ else pruned_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,12 +19,8 @@ Scores = dict[tuple[int, str], torch.Tensor]
 
 def sum_slice(tensor_scores: torch.Tensor, tensor_slice: TensorSlice, count: int) -> torch.Tensor:
     """Per-unit sums (float64 ``[count]``) of an element-wise score tensor over one owned slice."""
-    along = tensor_scores.double()
-    if along.dim() == 2 and tensor_slice.axis == 1:
-        along = along.sum(0)
-    elif along.dim() == 2:
-        along = along.sum(1)
-    return along.reshape(count, tensor_slice.width).sum(1)
+    along = tensor_slice.along_axis(tensor_scores.double())
+    return tensor_slice.per_unit(along, count).sum(1)
 
 
 def kind_scores(

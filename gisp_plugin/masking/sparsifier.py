@@ -2,8 +2,9 @@
 
 ``StructureSparsifier`` is a ``BaseSparsifier``: ``prepare`` attaches one structured parametrization
 per weight and bias a structure touches, ``step`` rewrites the masks from the current ``KeepMask``,
-and ``squash_mask`` (or ``restore_dense``) removes them. Rows use torch's ``FakeStructuredSparsity``;
-columns use a sibling that masks along dim 1. Biases get their own parametrization instead of torch's
+and ``squash_mask`` (or ``restore_dense``) removes them. Each mask is a subclass of torch's
+``FakeStructuredSparsity`` whose mask broadcasts over the tensor, so rows, columns and fused tensors cut
+by several structures share one mechanism. Biases get their own parametrization instead of torch's
 ``BiasHook``, which reshapes biases in the convolution layout and corrupts a biased ``Linear`` on 3-D input.
 """
 
@@ -18,16 +19,17 @@ from torch.nn.utils import parametrize
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
 
 
-class ColumnStructuredSparsity(FakeStructuredSparsity):
-    """Like ``FakeStructuredSparsity``, but the mask selects columns (input features) of a weight."""
+class BroadcastStructuredSparsity(FakeStructuredSparsity):
+    """Like torch's ``FakeStructuredSparsity``, with a mask that broadcasts to the tensor.
+
+    A mask shaped ``[out, 1]`` selects rows, ``[1, in]`` columns, ``[out]`` a bias; a fused tensor cut by
+    several structures gets the conjunction of their masks.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask.shape[0] != x.shape[1]:
-            raise ValueError(f"column mask of size {self.mask.shape[0]} does not fit a weight of shape {tuple(x.shape)}")
-        return self.mask.reshape(1, -1) * x
-
-
-PARAMETRIZATION_BY_AXIS = {0: FakeStructuredSparsity, 1: ColumnStructuredSparsity}
+        if torch.broadcast_shapes(self.mask.shape, x.shape) != x.shape:
+            raise ValueError(f"mask of shape {tuple(self.mask.shape)} does not fit a tensor of shape {tuple(x.shape)}")
+        return self.mask * x
 
 
 def dense_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -46,23 +48,15 @@ class StructureSparsifier(BaseSparsifier):
         self.keep = KeepMask.dense(anatomy)
 
     def sparsity_config(self, model: nn.Module) -> list[dict]:
-        """One config entry per masked tensor, recording which unit flags drive its mask."""
-        config = []
+        """One config entry per masked tensor, with every (layer, kind, slice) whose flags drive its mask."""
+        drivers: dict[str, list[dict]] = {}
         for layer in self.anatomy.layers:
             for kind_name, kind in layer.kinds.items():
                 slices = [(s, None) for s in kind.owned] + [(d.slice, d) for d in kind.dependents]
                 for tensor_slice, dependent in slices:
-                    config.append(
-                        {
-                            "tensor_fqn": f"{layer.prefix}.{tensor_slice.path}",
-                            "layer": layer.index,
-                            "kind": kind_name,
-                            "axis": tensor_slice.axis,
-                            "width": tensor_slice.width,
-                            "dependent": dependent,
-                        }
-                    )
-        return config
+                    driver = {"layer": layer.index, "kind": kind_name, "slice": tensor_slice, "dependent": dependent}
+                    drivers.setdefault(f"{layer.prefix}.{tensor_slice.path}", []).append(driver)
+        return [{"tensor_fqn": fqn, "drivers": entries} for fqn, entries in drivers.items()]
 
     def prepare(self, model: nn.Module, config: list[dict] | None = None) -> None:
         super().prepare(model, config if config is not None else self.sparsity_config(model))
@@ -70,18 +64,23 @@ class StructureSparsifier(BaseSparsifier):
     def _prepare(self, *args, **kwargs) -> None:
         for group in self.groups:
             module, name = group["module"], group["tensor_name"]
-            tensor = getattr(module, name)
-            mask = torch.ones(tensor.shape[group["axis"]], dtype=torch.bool, device=tensor.device)
+            mask = self._mask(group["drivers"], getattr(module, name))
             self.state[group["tensor_fqn"]]["mask"] = mask
-            parametrize.register_parametrization(module, name, PARAMETRIZATION_BY_AXIS[group["axis"]](mask))
+            parametrize.register_parametrization(module, name, BroadcastStructuredSparsity(mask))
+
+    def _mask(self, drivers: list[dict], tensor: torch.Tensor) -> torch.Tensor:
+        """The conjunction of every driver's keep mask for ``tensor`` under the current ``KeepMask``."""
+        mask = torch.ones((), dtype=torch.bool)
+        for driver in drivers:
+            flags = self.keep[driver["layer"], driver["kind"]]
+            if driver["dependent"] is not None:
+                flags = driver["dependent"].alive(flags)
+            mask = mask & driver["slice"].keep_mask(flags, tensor.shape)
+        return mask.to(tensor.device)
 
     def update_mask(self, module: nn.Module, tensor_name: str, **group) -> None:
-        flags = self.keep[group["layer"], group["kind"]]
-        dependent = group["dependent"]
-        if dependent is not None:
-            flags = dependent.alive(flags)
-        mask = getattr(module.parametrizations, tensor_name)[0].mask
-        mask.copy_(flags.repeat_interleave(group["width"]).to(mask.device))
+        parametrization = getattr(module.parametrizations, tensor_name)
+        parametrization[0].mask.copy_(self._mask(group["drivers"], parametrization.original))
 
     def apply(self, keep: KeepMask) -> None:
         """Make the model compute exactly the subnetwork ``keep`` describes."""

@@ -17,7 +17,7 @@ import gisp_plugin
 from gisp_plugin.plugins import hookspecs
 
 DEFAULT_PLUGINS = (
-    "gisp_plugin.adapters.llama_family",
+    "gisp_plugin.adapters.decoders",
     "gisp_plugin.methods.magnitude",
     "gisp_plugin.methods.random_pruning",
     "gisp_plugin.methods.gisp",

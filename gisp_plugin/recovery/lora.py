@@ -26,7 +26,7 @@ from gisp_plugin.data.api import CalibrationSet
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,20 @@ class RecoveryReport:
 def adaptable_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """Full names of the ``nn.Linear`` modules whose last name is in ``targets`` and that have weights.
 
-    A fully pruned block leaves zero-size projections behind; they get no adapter.
+    A fully pruned block leaves zero-size projections behind; they get no adapter. Neither do key/value
+    projections that repeat their output rows for uneven query-head groups (``gather``): an adapter's
+    output would not line up with the repeated rows.
     """
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise ValueError("the model still wears pruning masks; compact it (or release the masks) before recovery")
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets and module.weight.numel() > 0:
+        if (
+            isinstance(module, nn.Linear)
+            and name.rsplit(".", 1)[-1] in targets
+            and module.weight.numel() > 0
+            and not hasattr(module, "gather")
+        ):
             names.append(name)
     if not names:
         raise ValueError(f"no linear layer named one of {', '.join(targets)} with weights; nothing to adapt")

@@ -13,7 +13,7 @@ from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.checkpoint.saving import CheckpointError, load_pruned, read_record, save_pruned
 from gisp_plugin.checkpoint.trajectory import NotNestedError, Trajectory
 from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import random_ids, random_keep, record_for, tiny_model
+from tests.tiny import EAGER_ONLY, FAMILIES, random_ids, random_keep, record_for, tiny_model
 
 
 def _pruned(family: str, seed: int = 0):
@@ -29,7 +29,7 @@ def _pruned(family: str, seed: int = 0):
     return model, compact, keep, biases, record
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_reload_equals_saved(tmp_path, tokenizer, family):
     _, compact, _, _, record = _pruned(family)
     folder = save_pruned(compact, tokenizer, tmp_path / "m", record)
@@ -47,6 +47,23 @@ def test_reload_equals_saved(tmp_path, tokenizer, family):
     saved = compact.state_dict()
     assert all(torch.equal(saved[k], v) for k, v in reloaded.state_dict().items())
     assert read_record(folder)["pruned_structures"] == record.pruned_structures
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_reloaded_in_bfloat16_generates_like_the_saved_model(tmp_path, tokenizer, family, attn):
+    """fp32 save, bf16 reload with either attention: plain transformers and load_pruned agree token for token."""
+    if attn == "sdpa" and family in EAGER_ONLY:
+        pytest.skip(f"transformers has no SDPA attention for {family}")
+    _, compact, _, _, record = _pruned(family)
+    folder = save_pruned(compact, tokenizer, tmp_path / "m", record)
+    ids = random_ids(1, 6, 2)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "attention_mask": torch.ones_like(ids)}
+    ours = gisp_plugin.load_pruned(folder, dtype=torch.bfloat16, attn_implementation=attn)
+    plain = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.bfloat16, attn_implementation=attn)
+    assert ours.dtype == plain.dtype == torch.bfloat16
+    assert ours.config._attn_implementation == attn
+    assert torch.equal(ours.generate(ids, **kwargs), plain.generate(ids, **kwargs))
 
 
 def test_errors_for_missing_foreign_and_corrupt_folders(tmp_path, tokenizer):

@@ -9,9 +9,11 @@ from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.checkpoint.saving import count_params
 from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import random_ids, random_keep, tiny_model
+from gisp_plugin.compaction.modeling_gisp_pruned import GatheredLinear
+from tests.tiny import EAGER_ONLY, FAMILIES, random_ids, random_keep, tiny_model
 
-MODELS = {(family, attn): tiny_model(family, attn=attn) for family in ("llama", "mistral", "qwen2") for attn in ("eager", "sdpa")}
+CASES = [(family, attn) for family in FAMILIES for attn in ("eager", "sdpa") if attn == "eager" or family not in EAGER_ONLY]
+MODELS = {(family, attn): tiny_model(family, attn=attn) for family, attn in CASES}
 
 
 def random_biases(model, seed: int, layers: list[int]) -> dict[str, torch.Tensor]:
@@ -24,18 +26,17 @@ def random_biases(model, seed: int, layers: list[int]) -> dict[str, torch.Tensor
     return out
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    family=st.sampled_from(["llama", "mistral", "qwen2"]),
-    attn=st.sampled_from(["eager", "sdpa"]),
+    case=st.sampled_from(CASES),
     seed=st.integers(0, 10_000),
     p_keep=st.sampled_from([0.1, 0.4, 0.7, 0.95]),
     empty_layer=st.sampled_from([None, 0, 1, 2]),
     empty_kind=st.sampled_from(["attn_head", "mlp_channel"]),
     bias_layers=st.sampled_from([[], [0], [1, 2]]),
 )
-def test_compacted_equals_masked(family, attn, seed, p_keep, empty_layer, empty_kind, bias_layers):
-    model = MODELS[family, attn]
+def test_compacted_equals_masked(case, seed, p_keep, empty_layer, empty_kind, bias_layers):
+    model = MODELS[case]
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
     keep = random_keep(anatomy, seed, p_keep, empty_layer, empty_kind)
@@ -64,27 +65,30 @@ def _keep_heads(anatomy, heads_per_layer: dict[int, list[int]]) -> KeepMask:
     return keep
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_uneven_gqa_groups_use_the_gather_path(attn):
-    model = MODELS["mistral", attn]
+@pytest.mark.parametrize("case", [("mistral", "eager"), ("mistral", "sdpa"), ("phi4mini", "eager"), ("phi4mini", "sdpa")])
+def test_uneven_gqa_groups_repeat_key_value_rows(case):
+    """Mistral (separate k/v) and Phi-4-mini (fused qkv), 8 and 6 query heads over 2 kv heads."""
+    model = MODELS[case]
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
-    # layer 0: kv head 0 serves 3 query heads, kv head 1 serves 1; layer 1: equal groups of 2; layer 2: one kv head
-    keep = _keep_heads(anatomy, {0: [0, 1, 2, 4], 1: [0, 1, 4, 5], 2: [5, 6]})
+    group = anatomy.kind(0, "attn_head").count // 2
+    # layer 0: kv head 0 serves 3 query heads, kv head 1 one; layer 1: equal groups of 2; layer 2: one kv head
+    keep = _keep_heads(anatomy, {0: [0, 1, 2, group], 1: [0, 1, group, group + 1], 2: [group + 1, group + 2]})
     compact = adapter.compact(model, keep, {})
     attns = [layer.self_attn for layer in compact.model.layers]
-    assert [a.gather_kv for a in attns] == [True, False, False]
+    kv_projection = "qkv_proj" if case[0] == "phi4mini" else "k_proj"
+    assert [isinstance(getattr(a, kv_projection), GatheredLinear) for a in attns] == [True, False, False]
     assert [a.num_key_value_groups for a in attns] == [1, 2, 2]
-    assert attns[0].kv_map == [0, 0, 0, 1] and attns[2].num_kv_heads == 1
+    assert [a.num_key_value_heads for a in attns] == [4, 2, 1]
     ids = random_ids(2, 20)  # longer than the sliding window (16)
     with MaskedModel(model, anatomy) as masked, torch.no_grad():
         masked.apply(keep)
         torch.testing.assert_close(compact(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-def test_generate_same_tokens_with_kv_cache(family):
-    model = MODELS[family, "sdpa"]
+@pytest.mark.parametrize("case", CASES)
+def test_generate_same_tokens_with_kv_cache(case):
+    model = MODELS[case]
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
     keep = random_keep(anatomy, 3, 0.6, empty_layer=0, empty_kind="attn_head")  # layer 0 without attention
@@ -98,8 +102,9 @@ def test_generate_same_tokens_with_kv_cache(family):
     assert got.shape[1] == 18
 
 
-def test_bfloat16_compaction_matches_masked():
-    model = tiny_model("qwen2", attn="sdpa").to(torch.bfloat16)
+@pytest.mark.parametrize("family", ["qwen2", "gemma3", "phi4mini"])
+def test_bfloat16_compaction_matches_masked(family):
+    model = tiny_model(family, attn="sdpa").to(torch.bfloat16)
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
     keep = random_keep(anatomy, 7, 0.5, None, "attn_head")
@@ -129,15 +134,15 @@ def test_release_restores_dense_model_exactly():
         assert torch.equal(model(ids).logits, dense_logits)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma2"])
 def test_padding_mlp_width_keeps_outputs_and_rounds_shapes(family):
-    model = MODELS[family, "sdpa"]
+    model = MODELS[family, "eager"]
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
     keep = random_keep(anatomy, 11, 0.55, empty_layer=1, empty_kind="mlp_channel")
     ids = random_ids(2, 10, 3)
     compact = adapter.compact(model, keep, {}, 8)
-    widths = [layer.mlp.gate_proj.out_features for layer in compact.model.layers]
+    widths = [layer.mlp.down_proj.in_features for layer in compact.model.layers]
     assert all(w % 8 == 0 for w in widths) and widths[1] == 0
     assert [w - int(keep[i, "mlp_channel"].sum()) for i, w in enumerate(widths)] == [
         (-int(keep[i, "mlp_channel"].sum())) % 8 for i in range(3)

@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
-from gisp_plugin.masking.sparsifier import ColumnStructuredSparsity, StructureSparsifier, dense_tensor
+from gisp_plugin.masking.sparsifier import StructureSparsifier, dense_tensor
 from tests.tiny import tiny_model
 
 
@@ -20,7 +20,9 @@ def test_sparsifier_is_a_torch_sparsifier_with_row_and_column_parametrizations()
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.q_proj.parametrizations.weight[0], FakeStructuredSparsity)
     assert isinstance(attn.q_proj.parametrizations.bias[0], FakeStructuredSparsity)
-    assert isinstance(attn.o_proj.parametrizations.weight[0], ColumnStructuredSparsity)
+    assert isinstance(attn.o_proj.parametrizations.weight[0], FakeStructuredSparsity)
+    assert attn.q_proj.parametrizations.weight[0].mask.shape == (48, 1)  # rows
+    assert attn.o_proj.parametrizations.weight[0].mask.shape == (1, 48)  # columns
     sparsifier.restore_dense()
     assert not parametrize.is_parametrized(attn.q_proj)
 

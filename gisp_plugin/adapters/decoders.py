@@ -1,0 +1,56 @@
+"""Built-in adapter plugin for the Llama-like decoder families: one declaration of names per family.
+
+Everything a method, the masks and compaction need follows from the declaration and the live modules;
+family quirks that do not change what a structure owns (Gemma's soft-capping, query scaling, scaled
+embeddings and extra norms, Qwen3's and Gemma 3's per-head ``q_norm``/``k_norm``, sliding-window layer
+patterns) stay inside the family's own transformers modules, which the pruned model reuses.
+"""
+
+from __future__ import annotations
+
+from gisp_plugin.adapters.api import ArchitectureAdapter
+from gisp_plugin.anatomy.decoder import AttentionNames, DecoderDeclaration, MLPNames, decoder_anatomy
+from gisp_plugin.compaction.decoder import compact_decoder
+from gisp_plugin.plugins import hookimpl
+
+SEPARATE = DecoderDeclaration()
+FUSED = DecoderDeclaration(AttentionNames(qkv="qkv_proj"), MLPNames(gate_up="gate_up_proj"))
+
+
+def decoder_adapter(name: str, description: str, model_types: tuple[str, ...], declaration: DecoderDeclaration) -> ArchitectureAdapter:
+    """An adapter for a Llama-like family, from the names of its projections."""
+
+    def anatomy(model):
+        return decoder_anatomy(model, declaration, name)
+
+    def compact(model, keep, extra_biases=None, pad_to: int = 1):
+        return compact_decoder(model, keep, anatomy(model), declaration, extra_biases, pad_to)
+
+    return ArchitectureAdapter(
+        name=name,
+        description=description,
+        model_types=model_types,
+        anatomy=anatomy,
+        decoder_layers=lambda model: model.model.layers,
+        compact=compact,
+    )
+
+
+ADAPTERS = [
+    decoder_adapter("llama", "Llama 2/3 (MHA or GQA, optional attention/MLP biases): query heads and MLP channels", ("llama",), SEPARATE),
+    decoder_adapter("mistral", "Mistral (GQA, sliding window): query heads and MLP channels", ("mistral",), SEPARATE),
+    decoder_adapter("qwen2", "Qwen2 / Qwen2.5 (q/k/v biases, GQA, tied or untied embeddings)", ("qwen2",), SEPARATE),
+    decoder_adapter("qwen3", "Qwen3 (per-head q_norm/k_norm kept whole, GQA)", ("qwen3",), SEPARATE),
+    decoder_adapter(
+        "gemma",
+        "Gemma 1/2/3 text (head_dim 256, soft-capping, query scaling, sliding/global layers, extra norms)",
+        ("gemma", "gemma2", "gemma3_text"),
+        SEPARATE,
+    ),
+    decoder_adapter("phi3", "Phi-3 / Phi-3.5 / Phi-4-mini (fused qkv_proj and gate_up_proj)", ("phi3",), FUSED),
+]
+
+
+@hookimpl
+def gisp_adapters() -> list[ArchitectureAdapter]:
+    return ADAPTERS

@@ -1,0 +1,147 @@
+"""Anatomy of Llama-like decoders, read off the live modules from a declaration of their names.
+
+A family (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, ...) is declared by the names of its attention and
+MLP projections, fused or separate; everything else (head_dim, head counts, widths, biases, what a unit
+owns and how many parameters) is read from the real tensors, never from config fields a published
+checkpoint may not set.
+
+Units follow method.md: a query head owns its query rows (and bias rows) and its ``o_proj`` columns;
+with plain multi-head attention it also owns its key/value rows. Under grouped-query attention the
+key/value rows are *dependent*: they go only when every query head reading them is gone. An MLP channel
+owns a row of the gate and up projections and a column of the down projection. Tensors no unit owns
+(norms, including per-head ``q_norm``/``k_norm`` shared by all heads) are fixed parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from gisp_plugin.anatomy.structures import (
+    DependentSlice,
+    LayerAnatomy,
+    ModelAnatomy,
+    StructureKind,
+    TensorSlice,
+)
+from gisp_plugin.masking.sparsifier import dense_tensor
+
+ATTN_HEAD = "attn_head"
+MLP_CHANNEL = "mlp_channel"
+
+
+@dataclass(frozen=True)
+class AttentionNames:
+    """Where a family keeps its attention projections; ``qkv`` names one fused ``[q; k; v]`` projection."""
+
+    module: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    o: str = "o_proj"
+    qkv: str | None = None
+
+
+@dataclass(frozen=True)
+class MLPNames:
+    """Where a family keeps its gated MLP; ``gate_up`` names one fused ``[gate; up]`` projection."""
+
+    module: str = "mlp"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    gate_up: str | None = None
+
+
+@dataclass(frozen=True)
+class DecoderDeclaration:
+    """The module names of one Llama-like family: all the anatomy needs to know about it."""
+
+    attention: AttentionNames = AttentionNames()
+    mlp: MLPNames = MLPNames()
+
+
+@dataclass(frozen=True)
+class _Projection:
+    """One input projection's slice of rows for a run of units: which linear, from which row on."""
+
+    linear: str
+    offset: int
+
+
+def _linear(layer: nn.Module, path: str) -> nn.Linear:
+    return layer.get_submodule(path)
+
+
+def _row_slices(layer: nn.Module, projection: _Projection, width: int) -> list[TensorSlice]:
+    """The weight rows (and bias rows, if the projection has a bias) of a run of units."""
+    slices = [TensorSlice(f"{projection.linear}.weight", 0, width, projection.offset)]
+    if _linear(layer, projection.linear).bias is not None:
+        slices.append(TensorSlice(f"{projection.linear}.bias", 0, width, projection.offset))
+    return slices
+
+
+def _make_kind(
+    layer: nn.Module, name: str, block: str, count: int, owned: list[TensorSlice], dependents: list[tuple[TensorSlice, tuple]]
+) -> StructureKind:
+    """A kind whose parameter counts come from the shapes of the real tensors its slices cut."""
+
+    def params(tensor_slice: TensorSlice) -> int:
+        tensor = dense_tensor(layer.get_submodule(tensor_slice.module_path), tensor_slice.tensor_name)
+        return tensor_slice.params_per_unit(tensor.shape)
+
+    deps = tuple(DependentSlice(s, readers, params(s)) for s, readers in dependents)
+    return StructureKind(name, block, count, tuple(owned), sum(params(s) for s in owned), deps)
+
+
+def attention_kind(layer: nn.Module, names: AttentionNames) -> StructureKind:
+    """Query heads of one layer; key/value rows owned (MHA) or dependent on their readers (GQA)."""
+    attn = layer.get_submodule(names.module)
+    head_dim = attn.head_dim
+    o_path = f"{names.module}.{names.o}"
+    n_heads = _linear(layer, o_path).in_features // head_dim
+    if names.qkv is not None:
+        fused = f"{names.module}.{names.qkv}"
+        n_kv = (_linear(layer, fused).out_features - n_heads * head_dim) // (2 * head_dim)
+        q = _Projection(fused, 0)
+        k, v = _Projection(fused, n_heads * head_dim), _Projection(fused, (n_heads + n_kv) * head_dim)
+    else:
+        q = _Projection(f"{names.module}.{names.q}", 0)
+        k, v = _Projection(f"{names.module}.{names.k}", 0), _Projection(f"{names.module}.{names.v}", 0)
+        n_kv = _linear(layer, k.linear).out_features // head_dim
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads do not split evenly over {n_kv} key/value heads")
+
+    owned = _row_slices(layer, q, head_dim) + [TensorSlice(f"{o_path}.weight", 1, head_dim)]
+    kv_slices = _row_slices(layer, k, head_dim) + _row_slices(layer, v, head_dim)
+    if n_kv == n_heads:
+        return _make_kind(layer, ATTN_HEAD, "attention", n_heads, owned + kv_slices, [])
+    group = n_heads // n_kv
+    readers = tuple(tuple(range(j * group, (j + 1) * group)) for j in range(n_kv))
+    return _make_kind(layer, ATTN_HEAD, "attention", n_heads, owned, [(s, readers) for s in kv_slices])
+
+
+def mlp_kind(layer: nn.Module, names: MLPNames) -> StructureKind:
+    """Channels of one layer's gated MLP: gate and up rows, down columns."""
+    down = f"{names.module}.{names.down}"
+    channels = _linear(layer, down).in_features
+    if names.gate_up is not None:
+        fused = f"{names.module}.{names.gate_up}"
+        inputs = [_Projection(fused, 0), _Projection(fused, channels)]
+    else:
+        inputs = [_Projection(f"{names.module}.{names.gate}", 0), _Projection(f"{names.module}.{names.up}", 0)]
+    owned = [s for projection in inputs for s in _row_slices(layer, projection, 1)]
+    owned.append(TensorSlice(f"{down}.weight", 1, 1))
+    return _make_kind(layer, MLP_CHANNEL, "mlp", channels, owned, [])
+
+
+def decoder_anatomy(model: nn.Module, declaration: DecoderDeclaration, adapter_name: str) -> ModelAnatomy:
+    """The anatomy of every decoder layer, read off the model's real module shapes."""
+    layers = []
+    for index, layer in enumerate(model.model.layers):
+        kinds = {ATTN_HEAD: attention_kind(layer, declaration.attention), MLP_CHANNEL: mlp_kind(layer, declaration.mlp)}
+        total = sum(p.numel() for p in layer.parameters())
+        owned = sum(kind.dense_params for kind in kinds.values())
+        layers.append(LayerAnatomy(index, f"model.layers.{index}", kinds, total - owned))
+    return ModelAnatomy(adapter_name, tuple(layers), (ATTN_HEAD, MLP_CHANNEL))

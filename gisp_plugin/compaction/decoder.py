@@ -1,0 +1,197 @@
+"""Physical compaction of Llama-like decoders: cut every sliced tensor down to the kept units.
+
+The result is a ``GispPruned*ForCausalLM`` (see ``modeling_gisp_pruned``): the family's own model with
+each layer's projections resized, so it is really smaller and faster and gives the same outputs as the
+masked model it came from. What is cut follows from the anatomy alone; the declaration only says where
+the attention module is, whose head counts the family reads at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers import PreTrainedModel
+
+from gisp_plugin.anatomy.decoder import DecoderDeclaration
+from gisp_plugin.anatomy.structures import KeepMask, LayerAnatomy, StructureKind, TensorSlice
+from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
+from gisp_plugin.compaction.slicing import Cut, cut_tensor, gathered_rows
+from gisp_plugin.masking.sparsifier import dense_tensor
+
+REMOTE_MODULE = "modeling_gisp_pruned"
+
+
+def dense_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer of ``module``, unmasked, by its path (masks left out)."""
+    state: dict[str, torch.Tensor] = {}
+    for path, sub in module.named_modules():
+        if "parametrizations" in path.split("."):
+            continue
+        names = list(sub._parameters) + (list(sub.parametrizations.keys()) if parametrize.is_parametrized(sub) else [])
+        names += [n for n in sub._buffers if n not in sub._non_persistent_buffers_set]
+        for name in names:
+            tensor = dense_tensor(sub, name)
+            if tensor is not None:
+                state[f"{path}.{name}" if path else name] = tensor
+    return state
+
+
+def _padded(count: int, pad_to: int) -> int:
+    """``count`` rounded up to a multiple of ``pad_to``."""
+    return -(-count // pad_to) * pad_to
+
+
+def _cuts(layer: LayerAnatomy, keep: KeepMask, pad_to: int) -> dict[str, list[Cut]]:
+    """The cuts of every sliced tensor of one layer, by tensor path.
+
+    With ``pad_to`` > 1 each MLP kind's kept units are rounded up with zero units: GPU matrix kernels
+    lose much of their speed on widths that are not multiples of 8 (better 64), and a channel whose
+    down-projection column is zero adds exactly nothing.
+    """
+    cuts: dict[str, list[Cut]] = {}
+    for name, kind in layer.kinds.items():
+        flags = keep[layer.index, name]
+        kept = int(flags.sum())
+        pad = _padded(kept, pad_to) - kept if pad_to > 1 and kind.block == "mlp" else 0
+        for tensor_slice in kind.owned:
+            cuts.setdefault(tensor_slice.path, []).append(Cut(tensor_slice, flags, pad))
+        for dep in kind.dependents:
+            cuts.setdefault(dep.slice.path, []).append(Cut(dep.slice, dep.alive(flags)))
+    return cuts
+
+
+def _heads(kind: StructureKind, flags: torch.Tensor) -> tuple[int, int, bool]:
+    """Kept query heads, surviving key/value heads, and whether they split into equal groups."""
+    n_heads = int(flags.sum())
+    if not kind.dependents:
+        return n_heads, n_heads, True
+    readers = kind.dependents[0].readers
+    per_kv = [int(flags[list(r)].sum()) for r in readers]
+    alive = [n for n in per_kv if n]
+    return n_heads, len(alive), len(set(alive)) <= 1
+
+
+def compact_layer(
+    layer_module: nn.Module,
+    layer: LayerAnatomy,
+    keep: KeepMask,
+    declaration: DecoderDeclaration,
+    extra: dict[str, torch.Tensor],
+    pad_to: int,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The pruned-layer spec (see ``modeling_gisp_pruned``) and the layer's tensors (keys relative to it)."""
+    state = dense_state(layer_module)
+    cuts = _cuts(layer, keep, pad_to)
+    for path, tensor_cuts in cuts.items():
+        state[path] = cut_tensor(state[path], tensor_cuts)
+
+    attn_kind = next(kind for kind in layer.kinds.values() if kind.block == "attention")
+    flags = keep[layer.index, attn_kind.name]
+    n_heads, n_kv, even = _heads(attn_kind, flags)
+    gathers: dict[str, list[int]] = {}
+    if not even:  # one key/value copy per query head
+        readers_of: dict[TensorSlice, tuple] = {dep.slice: dep.readers for dep in attn_kind.dependents}
+        for dep in attn_kind.dependents:
+            if dep.slice.tensor_name == "weight":
+                weight = dep.slice.path
+                gathers[dep.slice.module_path] = gathered_rows(cuts[weight], readers_of, flags)
+        n_kv = n_heads
+
+    for module_path, bias in extra.items():
+        weight = state[f"{module_path}.weight"]
+        dense_bias = state.get(f"{module_path}.bias")
+        bias = bias.detach().to(device=weight.device, dtype=weight.dtype)
+        state[f"{module_path}.bias"] = bias.clone() if dense_bias is None else dense_bias + bias
+
+    modules = {}
+    for module_path in sorted({path.rsplit(".", 1)[0] for path in cuts} | set(extra)):
+        if not isinstance(layer_module.get_submodule(module_path), nn.Linear):
+            raise TypeError(f"{layer.prefix}.{module_path} is not a linear layer; only linear projections can be cut")
+        weight = state[f"{module_path}.weight"]
+        modules[module_path] = {
+            "in_features": weight.shape[1],
+            "out_features": weight.shape[0],
+            "bias": f"{module_path}.bias" in state,
+            "gather": gathers.get(module_path),
+        }
+    names = declaration.attention
+    spec = {
+        "modules": modules,
+        "attention": {
+            "module": names.module,
+            "output_projection": names.o,
+            "num_heads": n_heads,
+            "num_key_value_heads": n_kv,
+            "num_key_value_groups": n_heads // n_kv if n_kv else 1,
+        },
+    }
+    return spec, {key: value.detach().clone() for key, value in state.items()}
+
+
+def pruned_config(dense_config, specs: list[dict]):
+    """The config of the compacted model: the dense one plus per-layer shapes and remote-code pointers."""
+    family = dense_config.model_type
+    config_cls, model_cls = pruned_classes(family)
+    values = dense_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "pruned_layers"):
+        values.pop(key, None)
+    config = config_cls(**values, pruned_layers=specs, pruning_base_model_type=family)
+    config.architectures = [model_cls.__name__]
+    config.auto_map = {
+        "AutoConfig": f"{REMOTE_MODULE}.{config_cls.__name__}",
+        "AutoModelForCausalLM": f"{REMOTE_MODULE}.{model_cls.__name__}",
+    }
+    config._attn_implementation = dense_config._attn_implementation
+    return config
+
+
+def compact_decoder(
+    model: PreTrainedModel,
+    keep: KeepMask,
+    anatomy,
+    declaration: DecoderDeclaration,
+    extra_biases: dict[str, torch.Tensor] | None = None,
+    pad_to: int = 1,
+) -> PreTrainedModel:
+    """A new, physically smaller model equal in outputs to ``model`` masked by ``keep``.
+
+    ``extra_biases`` maps a module path (``model.layers.3.self_attn.o_proj``) to a bias a method adds to
+    that projection's output (FLAP's bias compensation); it is folded into the compacted layer.
+    ``pad_to`` > 1 rounds each layer's MLP width up with zero channels (same outputs, GPU-friendly shapes).
+    """
+    extra = extra_biases or {}
+    specs, state = [], {}
+    for layer in anatomy.layers:
+        prefix = f"{layer.prefix}."
+        layer_extra = {path[len(prefix) :]: bias for path, bias in extra.items() if path.startswith(prefix)}
+        spec, tensors = compact_layer(model.get_submodule(layer.prefix), layer, keep, declaration, layer_extra, pad_to)
+        specs.append(spec)
+        state.update({prefix + key: value for key, value in tensors.items()})
+    for key, value in model.state_dict().items():
+        if not key.startswith("model.layers."):
+            state[key] = value.detach().clone()
+
+    config = pruned_config(model.config, specs)
+    _, model_cls = pruned_classes(model.config.model_type)
+    with torch.device("meta"):
+        compact = model_cls(config)
+    compact.load_state_dict(state, strict=False, assign=True)
+    _copy_buffers(model, compact)
+    compact.tie_weights()
+    missing = [name for name, p in list(compact.named_parameters()) + list(compact.named_buffers()) if p.is_meta]
+    if missing:
+        raise RuntimeError(f"compaction left tensors unset: {missing[:5]}")
+    compact.generation_config = model.generation_config
+    compact.eval()
+    return compact
+
+
+def _copy_buffers(source: nn.Module, target: nn.Module) -> None:
+    """Carry non-persistent buffers (rotary frequencies) that a meta-built model lacks."""
+    source_buffers = dict(source.named_buffers())
+    for name, buffer in list(target.named_buffers()):
+        if buffer.is_meta and name in source_buffers:
+            owner_path, _, attr = name.rpartition(".")
+            owner = target.get_submodule(owner_path)
+            owner._buffers[attr] = source_buffers[name].clone()
