@@ -17,7 +17,9 @@ SEPARATE = DecoderDeclaration()
 FUSED = DecoderDeclaration(AttentionNames(qkv="qkv_proj"), MLPNames(gate_up="gate_up_proj"))
 
 
-def decoder_adapter(name: str, description: str, model_types: tuple[str, ...], declaration: DecoderDeclaration) -> ArchitectureAdapter:
+def decoder_adapter(
+    name: str, description: str, model_types: tuple[str, ...], declaration: DecoderDeclaration
+) -> ArchitectureAdapter:
     """An adapter for a Llama-like family, from the names of its projections."""
 
     def anatomy(model):
@@ -37,7 +39,9 @@ def decoder_adapter(name: str, description: str, model_types: tuple[str, ...], d
 
 
 ADAPTERS = [
-    decoder_adapter("llama", "Llama 2/3 (MHA or GQA, optional attention/MLP biases): query heads and MLP channels", ("llama",), SEPARATE),
+    decoder_adapter(
+        "llama", "Llama 2/3 (MHA or GQA, optional attention/MLP biases): query heads and MLP channels", ("llama",), SEPARATE
+    ),
     decoder_adapter("mistral", "Mistral (GQA, sliding window): query heads and MLP channels", ("mistral",), SEPARATE),
     decoder_adapter("qwen2", "Qwen2 / Qwen2.5 (q/k/v biases, GQA, tied or untied embeddings)", ("qwen2",), SEPARATE),
     decoder_adapter("qwen3", "Qwen3 (per-head q_norm/k_norm kept whole, GQA)", ("qwen3",), SEPARATE),

@@ -46,7 +46,9 @@ def cut_tensor(tensor: torch.Tensor, cuts: list[Cut]) -> torch.Tensor:
     return torch.cat(pieces, dim=axis)
 
 
-def gathered_rows(cuts: list[Cut], readers_of: dict[TensorSlice, tuple[tuple[int, ...], ...]], owner_flags: torch.Tensor) -> list[int]:
+def gathered_rows(
+    cuts: list[Cut], readers_of: dict[TensorSlice, tuple[tuple[int, ...], ...]], owner_flags: torch.Tensor
+) -> list[int]:
     """Rows of a cut projection's output, so that each kept owner unit gets its own copy of what it reads.
 
     Under uneven grouped-query attention the surviving key/value heads serve different numbers of query

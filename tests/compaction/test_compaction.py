@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.checkpoint.saving import count_params
-from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.compaction.modeling_gisp_pruned import GatheredLinear
+from gisp_plugin.masking.masked_model import MaskedModel
 from tests.tiny import EAGER_ONLY, FAMILIES, random_ids, random_keep, tiny_model
 
 CASES = [(family, attn) for family in FAMILIES for attn in ("eager", "sdpa") if attn == "eager" or family not in EAGER_ONLY]
