@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from shapes import random_llama
+from shapes import random_model
 from transformers import AutoModelForCausalLM
 
 from gisp_plugin.checkpoint.saving import load_pruned, save_pruned
@@ -119,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def build_model(name: str, device: str, dtype: torch.dtype):
     if name.startswith("random-"):
-        return random_llama(name.removeprefix("random-"), device, dtype), None
+        return random_model(name.removeprefix("random-"), device, dtype), None
     return load_model(name, device, dtype)
 
 

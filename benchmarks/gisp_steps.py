@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from shapes import SHAPES, random_llama
+from shapes import SHAPES, random_model
 from torch.nn.utils import parametrize
 
 from gisp_plugin.checkpoint.trajectory import Trajectory
@@ -109,7 +109,7 @@ def step_times(trajectory: Trajectory) -> list[float]:
 def load_setup(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """Model, tokenizer, calibration set and perplexity windows (``None`` for synthetic runs)."""
     if args.synthetic:
-        model = random_llama(args.synthetic_shape, args.device, dtype)
+        model = random_model(args.synthetic_shape, args.device, dtype)
         return model, None, synthetic_calibration(args.n_samples, args.seqlen, model.config.vocab_size, args.seed), None
     model, tokenizer = load_model(args.model, args.device, dtype)
     calibration = load_calibration(CalibrationRequest(args.calibration, args.n_samples, args.seqlen, args.seed), tokenizer)

@@ -1,9 +1,9 @@
-"""Llama-family shapes for randomly initialised benchmark models (timing and memory only)."""
+"""Shapes of randomly initialised benchmark models (timing and memory only): Llamas and one Mixtral."""
 
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 SHAPES = {
     # SmolLM2-135M: 30 layers, 9 query / 3 key-value heads, hidden 576, MLP 1536
@@ -46,19 +46,34 @@ SHAPES = {
         num_attention_heads=32,
         num_key_value_heads=32,
     ),
+    # a small Mixtral: 8 routed experts of 1408 channels, top-2, GQA (the MoE row of compaction.py)
+    "mid-mixtral": dict(
+        model_type="mixtral",
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
 }
 
 
-def random_llama(shape: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
-    """A randomly initialised Llama of a named shape, built directly on ``device`` in ``dtype``."""
+def random_model(shape: str, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> PreTrainedModel:
+    """A randomly initialised model of a named shape (a Llama unless it names another type), built
+    directly on ``device`` in ``dtype``."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
     torch.manual_seed(seed)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
+    fields = dict(SHAPES[shape])
+    model_type = fields.pop("model_type", "llama")
+    config = AutoConfig.for_model(model_type, **fields, max_position_embeddings=4096, attn_implementation="sdpa")
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the target dtype: a 7B model in float32 would need 28 GB first
     try:
         with torch.device(device):
-            return LlamaForCausalLM(config).eval()
+            return AutoModelForCausalLM.from_config(config).eval()
     finally:
         torch.set_default_dtype(default)

@@ -8,10 +8,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network; hub errors come at once
 
-from tests.tiny import FAMILIES, tiny_model, tiny_tokenizer  # noqa: E402
+from tests.tiny import SEPARATE_FAMILIES, tiny_model, tiny_tokenizer  # noqa: E402
 
 
-@pytest.fixture(params=list(FAMILIES))
+@pytest.fixture(params=SEPARATE_FAMILIES)
 def family(request) -> str:
     return request.param
 

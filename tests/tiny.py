@@ -171,7 +171,83 @@ FAMILIES = {
         "tie_word_embeddings": True,
         "use_cache": True,
     },
+    # mistralai/Mixtral-8x7B-v0.1: 8 routed experts, top-2, renormalised router weights (4 experts here)
+    "mixtral": {
+        "model_type": "mixtral",
+        "architectures": ["MixtralForCausalLM"],
+        "attention_dropout": 0.0,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "num_attention_heads": 6,
+        "num_experts_per_tok": 2,
+        "num_key_value_heads": 2,
+        "num_local_experts": 4,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.02,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+    },
+    # Qwen/Qwen1.5-MoE-A2.7B: 60 routed experts (top-4, not renormalised) plus a gated shared expert
+    "qwen2_moe": {
+        "model_type": "qwen2_moe",
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "attention_dropout": 0.0,
+        "decoder_sparse_step": 1,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_window_layers": 21,
+        "moe_intermediate_size": 16,
+        "norm_topk_prob": False,
+        "num_attention_heads": 6,
+        "num_experts": 6,
+        "num_experts_per_tok": 2,
+        "num_key_value_heads": 6,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.001,
+        "shared_expert_intermediate_size": 24,
+        "sliding_window": 32,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "use_sliding_window": False,
+    },
+    # Qwen/Qwen3-30B-A3B: 128 routed experts (top-8, renormalised), q_norm/k_norm, head_dim 16 != 48 / 4
+    "qwen3_moe": {
+        "model_type": "qwen3_moe",
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "decoder_sparse_step": 1,
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_window_layers": 48,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 16,
+        "norm_topk_prob": True,
+        "num_attention_heads": 4,
+        "num_experts": 5,
+        "num_experts_per_tok": 2,
+        "num_key_value_heads": 2,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.001,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "use_sliding_window": False,
+    },
 }
+MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}
+# Families with separate q/k/v and gate/up projections and a dense MLP in every layer: the hand-written
+# independent computations of the method tests slice these tensors directly.
+SEPARATE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
 SIZES = {"hidden_size": 48, "intermediate_size": 32, "vocab_size": VOCAB, "max_position_embeddings": 128}
 TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 # Gemma 2 soft-caps attention logits, which SDPA cannot do: transformers refuses SDPA for it.
@@ -227,15 +303,27 @@ def random_ids(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def random_keep(anatomy, seed: int, p_keep: float, empty_layer: int | None = None, empty_kind: str = "attn_head"):
-    """A random KeepMask (each unit kept with probability ``p_keep``), optionally emptying one block."""
+def random_keep(
+    anatomy, seed: int, p_keep: float, empty_layer: int | None = None, empty_kind: str = "attn_head", p_expert_out: float = 0.0
+):
+    """A random KeepMask (each unit kept with probability ``p_keep``), optionally emptying one block.
+
+    In mixture-of-experts layers each routed expert also loses all its channels with probability
+    ``p_expert_out`` (whole experts removed); a layer whose block ``empty_kind`` does not exist is left alone.
+    """
     from gisp_plugin.anatomy.structures import KeepMask
 
     generator = torch.Generator().manual_seed(seed)
     keep = KeepMask.dense(anatomy)
     for key in keep.flags:
-        keep[key] = torch.rand(keep[key].shape, generator=generator) < p_keep
-    if empty_layer is not None:
+        flags = torch.rand(keep[key].shape, generator=generator) < p_keep
+        rows = anatomy.kind(*key).router_rows
+        if rows is not None:
+            for readers in rows.readers:
+                if float(torch.rand(1, generator=generator)) < p_expert_out:
+                    flags[list(readers)] = False
+        keep[key] = flags
+    if empty_layer is not None and (empty_layer, empty_kind) in keep.flags:
         keep[empty_layer, empty_kind] = torch.zeros_like(keep[empty_layer, empty_kind])
     return keep
 

@@ -1,4 +1,4 @@
-"""The baseline pruning methods Wanda-sp, FLAP and LLM-Pruner, as gisp-plugin plugins.
+"""The baseline pruning methods Wanda-sp, FLAP, LLM-Pruner and (for mixtures of experts) REAP, as plugins.
 
 Each method is one module whose ``gisp_methods`` hook returns its ``MethodSpec``; the modules are
 registered only through the ``gisp_plugin`` entry-point group (``pyproject.toml``), exactly like a

@@ -21,20 +21,28 @@ FluctuationMetric = Literal["WIFV", "IFV", "WIFN"]
 
 
 def input_channel_slice(kind: StructureKind) -> TensorSlice:
-    """The owned weight slice that cuts a projection's input columns (``o_proj``, ``down_proj``)."""
+    """The owned weight slice that cuts a projection's input columns (``o_proj``, ``down_proj``, or the
+    stacked ``down_proj [E, H, I]`` of routed experts)."""
     for tensor_slice in kind.owned:
-        if tensor_slice.axis == 1 and tensor_slice.tensor_name == "weight":
+        if not tensor_slice.is_bias and tensor_slice.axis == (2 if tensor_slice.stacked else 1):
             return tensor_slice
     raise ValueError(f"structure kind {kind.name!r} owns no input columns of a weight; activation scores need one")
 
 
 def output_projections(layer: LayerAnatomy) -> dict[str, str]:
-    """Kind name -> module path (relative to the decoder layer) of the projection it feeds."""
+    """Kind name -> module path (relative to the decoder layer) of the projection it feeds (for routed
+    experts: the stacked experts module)."""
     return {name: input_channel_slice(kind).module_path for name, kind in layer.kinds.items()}
 
 
+def routed_expert_paths(layer: LayerAnatomy) -> list[str]:
+    """Module paths (relative to the layer) of stacked routed experts, whose statistics are per expert."""
+    return [input_channel_slice(kind).module_path for kind in layer.kinds.values() if input_channel_slice(kind).stacked]
+
+
 def projection_weight(layer_module: nn.Module, kind: StructureKind) -> torch.Tensor:
-    """The dense (unmasked) weight whose input columns ``kind``'s units own, in float64."""
+    """The dense (unmasked) weight whose input columns ``kind``'s units own, in float64 (``[E, out, in]``
+    for routed experts)."""
     tensor_slice = input_channel_slice(kind)
     weight = dense_tensor(layer_module.get_submodule(tensor_slice.module_path), tensor_slice.tensor_name)
     return weight.detach().double()
@@ -44,9 +52,10 @@ def wanda_channel_scores(weight: torch.Tensor, stats: ChannelStats) -> torch.Ten
     """Wanda-sp: ``mean over rows of |W[:, j]| * ||X_j||_2`` for every input channel ``j``.
 
     The reference divides ``||X_j||^2`` by the number of calibration sequences before the square root;
-    a constant per layer that changes no decision of a per-layer ranking, so it is left out.
+    a constant per layer that changes no decision of a per-layer ranking, so it is left out. A stacked
+    expert weight ``[E, out, in]`` with per-expert statistics gives ``[E, in]``.
     """
-    return weight.abs().mean(0) * stats.norm.to(weight.device)
+    return weight.abs().mean(-2) * stats.norm.to(weight.device)
 
 
 def fluctuation_channel_scores(weight: torch.Tensor, stats: ChannelStats, metric: FluctuationMetric) -> torch.Tensor:
@@ -59,7 +68,7 @@ def fluctuation_channel_scores(weight: torch.Tensor, stats: ChannelStats, metric
     ``WIFN`` is Wanda's weighted norm: ``mean over rows of |W[:, j]| * ||X_j||``.
     """
     if metric == "WIFV":
-        return stats.variance.to(weight.device) * weight.square().sum(0)
+        return stats.variance.to(weight.device) * weight.square().sum(-2)
     if metric == "IFV":
         return stats.variance.to(weight.device).clone()
     if metric == "WIFN":

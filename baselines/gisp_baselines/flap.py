@@ -17,6 +17,11 @@
    biases travel in ``Subnetwork.extra_biases`` and land in the compacted model's ``o_proj`` /
    ``down_proj`` biases (so they survive save and load).
 
+Inside routed experts (Mixtral, Qwen-MoE) the statistics of an expert's channels are taken over the
+tokens routed to that expert, and its channels are standardised with the other experts' of the layer
+(one block type, ``expert_mlp``). Experts get no bias compensation: an expert's output is weighted by
+the router per token, and the compacted experts carry no bias.
+
 Where we follow the reference code rather than the paper's prose: the dense propagation, the extra
 square on attention, the head mean after standardisation (AL-AM) and head sum (UL-UM), and the
 calibration default (WikiText-2, 1024 x 128). Where we differ, and why:
@@ -117,7 +122,7 @@ def compensation_biases(job: PruningJob, keep: KeepMask, records: dict[int, Laye
         layer = job.anatomy.layers[index]
         module = job.model.get_submodule(layer.prefix)
         for name, kind in layer.kinds.items():
-            if bool(keep[index, name].all()):
+            if bool(keep[index, name].all()) or input_channel_slice(kind).stacked:  # routed experts have no bias
                 continue
             weight = projection_weight(module, kind)
             bias = compensation_bias(weight, record.input_mean[name], keep[index, name], kind)

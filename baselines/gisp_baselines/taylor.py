@@ -59,7 +59,7 @@ def slice_unit_scores(element: torch.Tensor, tensor_slice: TensorSlice, count: i
 
 
 def _weight_slices(slices) -> list[TensorSlice]:
-    return [s for s in slices if s.tensor_name == "weight"]
+    return [s for s in slices if not s.is_bias]
 
 
 def _slice_scores(
@@ -92,7 +92,7 @@ def kind_group_scores(
         raise ValueError(f"dependent slices of {kind.name!r} disagree on their readers; kv groups are ambiguous")
     per_group = torch.stack([per_unit[list(r)].sum() for r in readers])
     for dep in kind.dependents:
-        if dep.slice.tensor_name == "weight":
+        if not dep.slice.is_bias:
             per_group += _slice_scores(model, prefix, dep.slice, len(readers), sums, variant)
     return per_group, tuple(tuple(r) for r in readers)
 

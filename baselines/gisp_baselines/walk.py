@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gisp_baselines.channels import output_projections
+from gisp_baselines.channels import output_projections, routed_expert_paths
 from gisp_plugin.calibration.sequential import LayerStatistics, Propagation, SequentialCalibration
-from gisp_plugin.calibration.statistics import ChannelStats
+from gisp_plugin.calibration.statistics import ChannelStats, ExpertChannelStats
 from gisp_plugin.methods.api import PruningJob
 
 
@@ -22,6 +22,7 @@ def layer_walk(job: PruningJob, propagate: Propagation, batch_size: int) -> Sequ
     if job.calibration is None:
         raise ValueError("this method needs calibration data; pass calibration= or a calibration source")
     paths = sorted({path for layer in job.anatomy.layers for path in output_projections(layer).values()})
+    routed = sorted({path for layer in job.anatomy.layers for path in routed_expert_paths(layer)})
     return SequentialCalibration(
         job.model,
         job.adapter.decoder_layers(job.model),
@@ -30,10 +31,11 @@ def layer_walk(job: PruningJob, propagate: Propagation, batch_size: int) -> Sequ
         batch_size=batch_size,
         pad_token_id=pad_token_id(job.tokenizer),
         propagate=propagate,
+        routed_paths=routed,
     )
 
 
-def stats_by_kind(job: PruningJob, layer_stats: LayerStatistics) -> dict[str, ChannelStats]:
+def stats_by_kind(job: PruningJob, layer_stats: LayerStatistics) -> dict[str, ChannelStats | ExpertChannelStats]:
     """Kind name -> statistics of the input of the projection that kind's units feed."""
     projections = output_projections(job.anatomy.layers[layer_stats.index])
     return {name: layer_stats.stats[path] for name, path in projections.items()}

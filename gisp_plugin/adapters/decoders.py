@@ -9,12 +9,14 @@ patterns) stay inside the family's own transformers modules, which the pruned mo
 from __future__ import annotations
 
 from gisp_plugin.adapters.api import ArchitectureAdapter
-from gisp_plugin.anatomy.decoder import AttentionNames, DecoderDeclaration, MLPNames, decoder_anatomy
+from gisp_plugin.anatomy.decoder import AttentionNames, DecoderDeclaration, ExpertNames, MLPNames, decoder_anatomy
 from gisp_plugin.compaction.decoder import compact_decoder
 from gisp_plugin.plugins import hookimpl
 
 SEPARATE = DecoderDeclaration()
 FUSED = DecoderDeclaration(AttentionNames(qkv="qkv_proj"), MLPNames(gate_up="gate_up_proj"))
+ROUTED = DecoderDeclaration(experts=ExpertNames())
+ROUTED_SHARED = DecoderDeclaration(experts=ExpertNames(shared="shared_expert"))
 
 
 def decoder_adapter(
@@ -52,6 +54,13 @@ ADAPTERS = [
         SEPARATE,
     ),
     decoder_adapter("phi3", "Phi-3 / Phi-3.5 / Phi-4-mini (fused qkv_proj and gate_up_proj)", ("phi3",), FUSED),
+    decoder_adapter(
+        "moe",
+        "Mixtral and Qwen3-MoE (routed experts: channels inside each expert; an expert goes with its last channel)",
+        ("mixtral", "qwen3_moe"),
+        ROUTED,
+    ),
+    decoder_adapter("qwen2_moe", "Qwen1.5/Qwen2-MoE (routed experts plus a gated shared expert)", ("qwen2_moe",), ROUTED_SHARED),
 ]
 
 

@@ -29,6 +29,8 @@ from gisp_plugin.masking.sparsifier import dense_tensor
 
 ATTN_HEAD = "attn_head"
 MLP_CHANNEL = "mlp_channel"
+EXPERT_CHANNEL = "expert_channel"
+SHARED_CHANNEL = "shared_channel"
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,32 @@ class MLPNames:
 
 
 @dataclass(frozen=True)
+class ExpertNames:
+    """Where a family keeps its routed experts (transformers 5 stacks them in 3-D tensors).
+
+    ``experts`` holds ``gate_up`` ``[E, 2I, H]`` and ``down`` ``[E, H, I]``; ``router`` has a weight
+    ``[E, H]``; ``shared`` names an always-on shared expert MLP (Qwen2-MoE), if the family has one.
+    """
+
+    module: str = "mlp"
+    experts: str = "experts"
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    router: str = "gate"
+    shared: str | None = None
+
+
+@dataclass(frozen=True)
 class DecoderDeclaration:
-    """The module names of one Llama-like family: all the anatomy needs to know about it."""
+    """The module names of one Llama-like family: all the anatomy needs to know about it.
+
+    With ``experts`` set, a layer whose MLP holds routed experts gets expert channels (and shared-expert
+    channels) instead of dense MLP channels; other layers of the same model stay dense.
+    """
 
     attention: AttentionNames = AttentionNames()
     mlp: MLPNames = MLPNames()
+    experts: ExpertNames | None = None
 
 
 @dataclass(frozen=True)
@@ -82,17 +105,27 @@ def _row_slices(layer: nn.Module, projection: _Projection, width: int) -> list[T
     return slices
 
 
+def _tensor(layer: nn.Module, path: str):
+    module_path, _, name = path.rpartition(".")
+    return dense_tensor(layer.get_submodule(module_path), name)
+
+
 def _make_kind(
-    layer: nn.Module, name: str, block: str, count: int, owned: list[TensorSlice], dependents: list[tuple[TensorSlice, tuple]]
+    layer: nn.Module,
+    name: str,
+    block: str,
+    count: int,
+    owned: list[TensorSlice],
+    dependents: list[tuple[TensorSlice, tuple]],
+    router: str | None = None,
 ) -> StructureKind:
     """A kind whose parameter counts come from the shapes of the real tensors its slices cut."""
 
     def params(tensor_slice: TensorSlice) -> int:
-        tensor = dense_tensor(layer.get_submodule(tensor_slice.module_path), tensor_slice.tensor_name)
-        return tensor_slice.params_per_unit(tensor.shape)
+        return tensor_slice.params_per_unit(_tensor(layer, tensor_slice.path).shape)
 
     deps = tuple(DependentSlice(s, readers, params(s)) for s, readers in dependents)
-    return StructureKind(name, block, count, tuple(owned), sum(params(s) for s in owned), deps)
+    return StructureKind(name, block, count, tuple(owned), sum(params(s) for s in owned), deps, router)
 
 
 def attention_kind(layer: nn.Module, names: AttentionNames) -> StructureKind:
@@ -122,8 +155,8 @@ def attention_kind(layer: nn.Module, names: AttentionNames) -> StructureKind:
     return _make_kind(layer, ATTN_HEAD, "attention", n_heads, owned, [(s, readers) for s in kv_slices])
 
 
-def mlp_kind(layer: nn.Module, names: MLPNames) -> StructureKind:
-    """Channels of one layer's gated MLP: gate and up rows, down columns."""
+def mlp_kind(layer: nn.Module, names: MLPNames, name: str = MLP_CHANNEL, block: str = "mlp") -> StructureKind:
+    """Channels of one layer's gated MLP (or shared expert): gate and up rows, down columns."""
     down = f"{names.module}.{names.down}"
     channels = _linear(layer, down).in_features
     if names.gate_up is not None:
@@ -133,15 +166,44 @@ def mlp_kind(layer: nn.Module, names: MLPNames) -> StructureKind:
         inputs = [_Projection(f"{names.module}.{names.gate}", 0), _Projection(f"{names.module}.{names.up}", 0)]
     owned = [s for projection in inputs for s in _row_slices(layer, projection, 1)]
     owned.append(TensorSlice(f"{down}.weight", 1, 1))
-    return _make_kind(layer, MLP_CHANNEL, "mlp", channels, owned, [])
+    return _make_kind(layer, name, block, channels, owned, [])
+
+
+def expert_kind(layer: nn.Module, names: ExpertNames) -> StructureKind:
+    """Channels inside every routed expert, expert by expert; an expert's router row lives while any does."""
+    experts = f"{names.module}.{names.experts}"
+    router = f"{names.module}.{names.router}"
+    n_experts, _, per_expert = _tensor(layer, f"{experts}.{names.down}").shape  # [E, H, I]
+    gate_up, down = f"{experts}.{names.gate_up}", f"{experts}.{names.down}"
+    owned = [
+        TensorSlice(gate_up, 1, 1, 0, n_experts),
+        TensorSlice(gate_up, 1, 1, per_expert, n_experts),
+        TensorSlice(down, 2, 1, 0, n_experts),
+    ]
+    readers = tuple(tuple(range(e * per_expert, (e + 1) * per_expert)) for e in range(n_experts))
+    router_rows = TensorSlice(f"{router}.weight", 0, 1)
+    return _make_kind(layer, EXPERT_CHANNEL, "expert_mlp", n_experts * per_expert, owned, [(router_rows, readers)], router)
+
+
+def _mlp_kinds(layer: nn.Module, declaration: DecoderDeclaration) -> dict[str, StructureKind]:
+    """The MLP kinds of one layer: dense channels, or expert channels plus shared-expert channels."""
+    names = declaration.experts
+    if names is None or not hasattr(layer.get_submodule(names.module), names.experts):
+        return {MLP_CHANNEL: mlp_kind(layer, declaration.mlp)}
+    kinds = {EXPERT_CHANNEL: expert_kind(layer, names)}
+    if names.shared is not None:
+        shared = MLPNames(module=f"{names.module}.{names.shared}")
+        kinds[SHARED_CHANNEL] = mlp_kind(layer, shared, SHARED_CHANNEL, "shared_expert")
+    return kinds
 
 
 def decoder_anatomy(model: nn.Module, declaration: DecoderDeclaration, adapter_name: str) -> ModelAnatomy:
     """The anatomy of every decoder layer, read off the model's real module shapes."""
     layers = []
     for index, layer in enumerate(model.model.layers):
-        kinds = {ATTN_HEAD: attention_kind(layer, declaration.attention), MLP_CHANNEL: mlp_kind(layer, declaration.mlp)}
+        kinds = {ATTN_HEAD: attention_kind(layer, declaration.attention), **_mlp_kinds(layer, declaration)}
         total = sum(p.numel() for p in layer.parameters())
         owned = sum(kind.dense_params for kind in kinds.values())
         layers.append(LayerAnatomy(index, f"model.layers.{index}", kinds, total - owned))
-    return ModelAnatomy(adapter_name, tuple(layers), (ATTN_HEAD, MLP_CHANNEL))
+    kind_names = tuple(dict.fromkeys(name for layer in layers for name in layer.kinds))
+    return ModelAnatomy(adapter_name, tuple(layers), kind_names)

@@ -21,12 +21,16 @@ class TensorSlice:
     ``path`` is relative to the decoder layer module, e.g. ``"self_attn.q_proj.weight"``. Unit ``u``
     owns indices ``offset + u * width`` to ``offset + (u + 1) * width`` along ``axis``; a fused tensor
     (Phi-3's ``qkv_proj``, ``gate_up_proj``) carries several slices at different offsets.
+
+    ``stacked`` > 0 says dim 0 stacks that many experts (``gate_up_proj[E, 2I, H]``): the units are
+    numbered expert by expert, each expert's units cut its own sub-tensor the same way.
     """
 
     path: str
     axis: int
     width: int
     offset: int = 0
+    stacked: int = 0
 
     @property
     def module_path(self) -> str:
@@ -36,29 +40,41 @@ class TensorSlice:
     def tensor_name(self) -> str:
         return self.path.rsplit(".", 1)[1]
 
+    @property
+    def is_bias(self) -> bool:
+        return self.tensor_name == "bias"
+
+    def per_stack(self, count: int) -> int:
+        """Units in each stacked expert (all ``count`` when nothing is stacked)."""
+        return count // self.stacked if self.stacked else count
+
     def stop(self, count: int) -> int:
-        """The first index along ``axis`` after the last of ``count`` units."""
-        return self.offset + count * self.width
+        """The first index along ``axis`` after the last of the units (in each expert, if stacked)."""
+        return self.offset + self.per_stack(count) * self.width
 
     def along_axis(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over every dimension but ``axis``: one value per index along it."""
-        other = [d for d in range(tensor.dim()) if d != self.axis]
+        """``tensor`` summed over every dimension but ``axis`` (and the expert dim, if stacked)."""
+        kept = (0, self.axis) if self.stacked else (self.axis,)
+        other = [d for d in range(tensor.dim()) if d not in kept]
         return tensor.sum(other) if other else tensor
 
     def per_unit(self, values: torch.Tensor, count: int) -> torch.Tensor:
-        """The values along ``axis`` that belong to the units, shaped ``[count, width]``."""
-        return values[self.offset : self.stop(count)].reshape(count, self.width)
+        """The values ``along_axis`` gives that belong to the units, shaped ``[count, width]``."""
+        return values[..., self.offset : self.stop(count)].reshape(count, self.width)
 
     def params_per_unit(self, shape: torch.Size) -> int:
         """Elements of a tensor of ``shape`` that one unit owns."""
-        return self.width * (math.prod(shape) // shape[self.axis])
+        return self.width * (math.prod(shape) // shape[self.axis] // (shape[0] if self.stacked else 1))
 
     def keep_mask(self, flags: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """A bool mask broadcastable to ``shape``: False on the indices of units whose flag is False."""
-        along = torch.ones(shape[self.axis], dtype=torch.bool, device=flags.device)
-        along[self.offset : self.stop(flags.numel())] = flags.repeat_interleave(self.width)
+        rows = self.stacked or 1
+        along = torch.ones(rows, shape[self.axis], dtype=torch.bool, device=flags.device)
+        along[:, self.offset : self.stop(flags.numel())] = flags.reshape(rows, -1).repeat_interleave(self.width, dim=1)
         view = [1] * len(shape)
-        view[self.axis] = -1
+        view[self.axis] = shape[self.axis]
+        if self.stacked:
+            view[0] = rows
         return along.reshape(view)
 
 
@@ -86,6 +102,8 @@ class StructureKind:
     ``block`` names the block type used for block-wise normalisation (``"attention"``, ``"mlp"``).
     ``owned`` are the slices each unit owns outright (scored and masked with the unit);
     ``dependents`` are slices shared by several units (masked when all their readers are gone).
+    ``router`` names a router module (relative to the layer) whose weight rows are one of the
+    dependents: a mixture-of-experts layer whose expert lost every channel never routes to it again.
     """
 
     name: str
@@ -94,6 +112,14 @@ class StructureKind:
     owned: tuple[TensorSlice, ...]
     params_per_unit: int
     dependents: tuple[DependentSlice, ...] = ()
+    router: str | None = None
+
+    @property
+    def router_rows(self) -> DependentSlice | None:
+        """The dependent router rows (one per expert), if this kind lives inside routed experts."""
+        if self.router is None:
+            return None
+        return next(dep for dep in self.dependents if dep.slice.path == f"{self.router}.weight")
 
     def params_kept(self, keep: torch.Tensor) -> int:
         """Parameters this kind still holds when only the units flagged in ``keep`` remain."""
@@ -149,12 +175,13 @@ class ModelAnatomy:
     def sparsity(self, keep: KeepMask) -> float:
         return 1.0 - self.params_kept(keep) / self.dense_params
 
-    def max_sparsity(self, prunable_layers: list[int] | None = None) -> float:
-        """The sparsity reached when every unit of the given layers (default: all) is pruned."""
+    def max_sparsity(self, prunable_layers: list[int] | None = None, blocks: set[str] | None = None) -> float:
+        """The sparsity reached when every unit of the given layers (default: all) and blocks is pruned."""
         keep = KeepMask.dense(self)
         for idx in range(len(self.layers)) if prunable_layers is None else prunable_layers:
-            for name in self.layers[idx].kinds:
-                keep[idx, name] = torch.zeros_like(keep[idx, name])
+            for name, kind in self.layers[idx].kinds.items():
+                if blocks is None or kind.block in blocks:
+                    keep[idx, name] = torch.zeros_like(keep[idx, name])
         return self.sparsity(keep)
 
     def units(self) -> list[tuple[int, str]]:

@@ -8,43 +8,75 @@ sequential engine (``gisp_plugin.calibration.sequential``) uses the same recorde
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gisp_plugin.calibration.statistics import ChannelStats
+from gisp_plugin.calibration.statistics import ChannelStats, ExpertChannelStats
 from gisp_plugin.data.api import CalibrationSet
 
 
 class InputStatsRecorder:
     """Per-channel statistics of the first positional input of each hooked module.
 
+    Modules named in ``routed`` are stacked routed experts (transformers 5: ``gate_up_proj [E, 2I, H]``,
+    ``down_proj [E, H, I]``, ``act_fn``, called with the hidden states, the chosen experts and their
+    router weights): for them the statistics are those of each expert's down-projection input over the
+    tokens routed to it (``ExpertChannelStats``), the inputs Wanda-sp and FLAP score inside experts.
+
     Set ``token_mask`` (bool ``[batch, seq]``, True for real tokens) before each forward pass that
     carries padding; ``None`` counts every token. Use as a context manager, or call ``remove``.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module]):
-        self.stats: dict[str, ChannelStats] = {}
+    def __init__(self, modules: Mapping[str, nn.Module], routed: Collection[str] = ()):
+        self.stats: dict[str, ChannelStats | ExpertChannelStats] = {}
         self.token_mask: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = [
-            module.register_forward_pre_hook(self._hook(name)) for name, module in modules.items()
+            module.register_forward_pre_hook(self._expert_hook(name) if name in routed else self._hook(name))
+            for name, module in modules.items()
         ]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             flat = x.reshape(-1, x.shape[-1])  # [tokens, channels]
-            if self.token_mask is not None:
-                mask = self.token_mask.reshape(-1).to(flat.device)
-                if mask.numel() != flat.shape[0]:
-                    raise ValueError(f"token mask of {mask.numel()} tokens does not fit an input of {flat.shape[0]}")
-                if not bool(mask.all()):
-                    flat = flat[mask]
+            real = self._real_tokens(flat)
+            if not bool(real.all()):
+                flat = flat[real]
             if name not in self.stats:
                 self.stats[name] = ChannelStats(flat.shape[1], device=flat.device)
             self.stats[name].update(flat)
+
+        return hook
+
+    def _real_tokens(self, flat: torch.Tensor) -> torch.Tensor:
+        """Bool ``[tokens]``: which rows of a flattened input are real tokens."""
+        if self.token_mask is None:
+            return torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+        mask = self.token_mask.reshape(-1).to(flat.device)
+        if mask.numel() != flat.shape[0]:
+            raise ValueError(f"token mask of {mask.numel()} tokens does not fit an input of {flat.shape[0]}")
+        return mask
+
+    def _expert_hook(self, name: str):
+        @torch.no_grad()
+        def hook(module: nn.Module, args: tuple) -> None:
+            hidden, chosen, weights = args[0], args[1], args[2]  # [T, H], [T, k], [T, k]
+            gate_up, down = module.gate_up_proj, module.down_proj  # [E, 2I, H], [E, H, I] (masked, if masks are on)
+            if name not in self.stats:
+                self.stats[name] = ExpertChannelStats(down.shape[0], down.shape[2], device=hidden.device)
+            real = self._real_tokens(hidden)
+            for expert in range(down.shape[0]):
+                token, slot = torch.where((chosen == expert) & real[:, None])
+                if token.numel() == 0:
+                    continue
+                gate, up = torch.nn.functional.linear(hidden[token], gate_up[expert]).chunk(2, dim=-1)
+                inner = module.act_fn(gate) * up  # [tokens, I]: the down projection's input
+                output = torch.nn.functional.linear(inner, down[expert])
+                saliency = weights[token, slot].double() * output.double().norm(dim=-1)
+                self.stats[name].update(expert, inner, saliency)
 
         return hook
 

@@ -39,6 +39,14 @@ Propagation = Literal["pruned", "dense"]
 _DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache")
 
 
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 class _StopForward(Exception):
     """Raised by the capture stand-in of the last layer: nothing after the decoder layers is needed."""
 
@@ -143,7 +151,8 @@ def _output_hidden(output: Any) -> torch.Tensor:
 class SequentialCalibration:
     """Iterate over decoder layers, yielding each layer's input statistics; see the module docstring.
 
-    ``module_paths`` are relative to a decoder layer (``("self_attn.o_proj", "mlp.down_proj")``).
+    ``module_paths`` are relative to a decoder layer (``("self_attn.o_proj", "mlp.down_proj")``);
+    those also in ``routed_paths`` are stacked routed experts (see ``InputStatsRecorder``).
     After iteration, ``peak_bytes`` is the largest number of activation bytes held at once (the
     calibration set's hidden states for one layer, the per-layer keyword arguments, one batch's output).
     """
@@ -158,6 +167,7 @@ class SequentialCalibration:
         pad_token_id: int = 0,
         propagate: Propagation = "pruned",
         progress: bool = True,
+        routed_paths: Sequence[str] = (),
     ):
         if propagate not in ("pruned", "dense"):
             raise ValueError(f"propagate must be 'pruned' or 'dense', got {propagate!r}")
@@ -165,6 +175,7 @@ class SequentialCalibration:
         self.layers = layers
         self.calibration = calibration
         self.module_paths = tuple(module_paths)
+        self.routed_paths = tuple(routed_paths)
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
         self.propagate = propagate
@@ -190,8 +201,9 @@ class SequentialCalibration:
         log.debug("sequential calibration holds %.1f MB of layer inputs", self._held / 2**20)
         for index in tqdm(range(len(self.layers)), desc="calibrating layers", disable=not self.progress):
             layer = self.layers[index]
-            modules = {path: layer.get_submodule(path) for path in self.module_paths}
-            with torch.no_grad(), InputStatsRecorder(modules) as recorder:
+            # a model may mix dense and mixture-of-experts layers: each layer records the paths it has
+            modules = {path: layer.get_submodule(path) for path in self.module_paths if _has_submodule(layer, path)}
+            with torch.no_grad(), InputStatsRecorder(modules, self.routed_paths) as recorder:
                 self._run_layer(inputs, index, replace=self.propagate == "dense", recorder=recorder)
             yield LayerStatistics(index, layer, recorder.stats)
             if self.propagate == "pruned" and index < len(self.layers) - 1:

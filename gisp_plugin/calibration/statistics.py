@@ -82,3 +82,55 @@ class ChannelStats:
 
     def __repr__(self) -> str:
         return f"ChannelStats(channels={self.channels}, n_tokens={self.n_tokens})"
+
+
+class ExpertChannelStats:
+    """``ChannelStats`` of the down-projection input of every routed expert, over the tokens routed to it.
+
+    Also accumulates REAP's saliency: for each expert, the sum over its routed tokens of the router
+    weight times the L2 norm of the expert's output. The properties stack the experts: ``[E, channels]``.
+    """
+
+    def __init__(self, experts: int, channels: int, device: torch.device | str | None = None):
+        self.experts = [ChannelStats(channels, device=device) for _ in range(experts)]
+        self.saliency_sum = torch.zeros(experts, dtype=torch.float64, device=device)  # [E]
+
+    @property
+    def routed_tokens(self) -> torch.Tensor:
+        """Tokens routed to each expert, ``[E]``."""
+        return torch.tensor([s.n_tokens for s in self.experts], dtype=torch.float64)
+
+    def update(self, expert: int, x: torch.Tensor, saliency: torch.Tensor) -> None:
+        """Add the tokens routed to ``expert``: its down-projection input ``x`` ``[tokens, channels]`` and
+        each token's router weight times output norm (``saliency`` ``[tokens]``)."""
+        self.experts[expert].update(x)
+        self.saliency_sum[expert] += saliency.detach().to(self.saliency_sum).sum()
+
+    def merge(self, other: ExpertChannelStats) -> None:
+        for mine, theirs in zip(self.experts, other.experts, strict=True):
+            mine.merge(theirs)
+        self.saliency_sum += other.saliency_sum.to(self.saliency_sum.device)
+
+    def _stack(self, value) -> torch.Tensor:
+        return torch.stack([value(s) if s.n_tokens else torch.zeros_like(s.mean) for s in self.experts])
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self._stack(lambda s: s.norm)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self._stack(lambda s: s.mean)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Sample variance per expert and channel; an expert routed fewer than 2 tokens has variance 0."""
+        return self._stack(lambda s: s.variance if s.n_tokens > 1 else torch.zeros_like(s.mean))
+
+    @property
+    def saliency(self) -> torch.Tensor:
+        """REAP: mean router-weighted output norm over each expert's routed tokens (0 if never routed)."""
+        return self.saliency_sum.cpu() / self.routed_tokens.clamp_min(1)
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for s in self.experts) + self.saliency_sum.numel() * 8

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from gisp_plugin.anatomy.decoder import DecoderDeclaration
 from gisp_plugin.anatomy.structures import KeepMask, LayerAnatomy, StructureKind, TensorSlice
 from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
-from gisp_plugin.compaction.slicing import Cut, cut_tensor, gathered_rows
+from gisp_plugin.compaction.slicing import Cut, cut_stacked, cut_tensor, gathered_rows
 from gisp_plugin.masking.sparsifier import dense_tensor
 
 REMOTE_MODULE = "modeling_gisp_pruned"
@@ -37,25 +37,19 @@ def dense_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _padded(count: int, pad_to: int) -> int:
-    """``count`` rounded up to a multiple of ``pad_to``."""
-    return -(-count // pad_to) * pad_to
-
-
 def _cuts(layer: LayerAnatomy, keep: KeepMask, pad_to: int) -> dict[str, list[Cut]]:
     """The cuts of every sliced tensor of one layer, by tensor path.
 
-    With ``pad_to`` > 1 each MLP kind's kept units are rounded up with zero units: GPU matrix kernels
-    lose much of their speed on widths that are not multiples of 8 (better 64), and a channel whose
-    down-projection column is zero adds exactly nothing.
+    With ``pad_to`` > 1 the kept channels of each MLP, shared expert and routed expert are rounded up
+    with zero channels: GPU matrix kernels lose much of their speed on widths that are not multiples of
+    8 (better 64), and a channel whose down-projection column is zero adds exactly nothing.
     """
     cuts: dict[str, list[Cut]] = {}
     for name, kind in layer.kinds.items():
         flags = keep[layer.index, name]
-        kept = int(flags.sum())
-        pad = _padded(kept, pad_to) - kept if pad_to > 1 and kind.block == "mlp" else 0
+        kind_pad = pad_to if kind.block != "attention" else 1
         for tensor_slice in kind.owned:
-            cuts.setdefault(tensor_slice.path, []).append(Cut(tensor_slice, flags, pad))
+            cuts.setdefault(tensor_slice.path, []).append(Cut(tensor_slice, flags, kind_pad))
         for dep in kind.dependents:
             cuts.setdefault(dep.slice.path, []).append(Cut(dep.slice, dep.alive(flags)))
     return cuts
@@ -72,6 +66,67 @@ def _heads(kind: StructureKind, flags: torch.Tensor) -> tuple[int, int, bool]:
     return n_heads, len(alive), len(set(alive)) <= 1
 
 
+def _attention(layer: LayerAnatomy, keep: KeepMask, cuts: dict[str, list[Cut]], names) -> tuple[dict, dict[str, list[int]]]:
+    """The attention spec (head counts the family reads at run time) and the rows to repeat, by module.
+
+    Under uneven groups each query head gets its own copy of its key/value head (``gathered_rows``).
+    """
+    kind = next(kind for kind in layer.kinds.values() if kind.block == "attention")
+    flags = keep[layer.index, kind.name]
+    n_heads, n_kv, even = _heads(kind, flags)
+    gathers: dict[str, list[int]] = {}
+    if not even:
+        readers_of: dict[TensorSlice, tuple] = {dep.slice: dep.readers for dep in kind.dependents}
+        for dep in kind.dependents:
+            if not dep.slice.is_bias:
+                gathers[dep.slice.module_path] = gathered_rows(cuts[dep.slice.path], readers_of, flags)
+        n_kv = n_heads
+    spec = {
+        "module": names.module,
+        "output_projection": names.o,
+        "num_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "num_key_value_groups": n_heads // n_kv if n_kv else 1,
+    }
+    return spec, gathers
+
+
+def _experts(
+    layer_module: nn.Module, layer: LayerAnatomy, keep: KeepMask, cuts: dict[str, list[Cut]], state: dict
+) -> dict[str, dict]:
+    """Cut routed experts into a list of experts of their own widths, and the router to the live experts.
+
+    Stacked ``[E, ...]`` tensors cannot hold experts of different widths; the compacted layer keeps one
+    small MLP per live expert (``RaggedExperts``), numbered in the order of the router's remaining rows.
+    """
+    modules: dict[str, dict] = {}
+    for name, kind in layer.kinds.items():
+        rows = kind.router_rows
+        if rows is None:
+            continue
+        flags = keep[layer.index, name]
+        live = rows.alive(flags).nonzero().flatten().tolist()
+        stacked = {s.path for s in kind.owned if s.stacked}
+        experts_path = {path.rsplit(".", 1)[0] for path in stacked}.pop()
+        widths = None
+        for path in sorted(stacked):
+            pieces = cut_stacked(state.pop(path), cuts.pop(path), live)
+            tensor_name = path.rsplit(".", 1)[1]
+            for j, piece in enumerate(pieces):
+                state[f"{experts_path}.{j}.{tensor_name}.weight"] = piece
+            if tensor_name.startswith("down"):
+                widths = [piece.shape[1] for piece in pieces]
+        router = layer_module.get_submodule(kind.router)
+        hidden = state[rows.slice.path].shape[1]
+        modules[experts_path] = {"type": "ragged_experts", "hidden_size": hidden, "widths": widths}
+        modules[kind.router] = {
+            "type": "parameters",
+            "shapes": {rows.slice.tensor_name: [len(live), hidden]},
+            "attributes": {"top_k": min(router.top_k, len(live)), "num_experts": len(live)},
+        }
+    return modules
+
+
 def compact_layer(
     layer_module: nn.Module,
     layer: LayerAnatomy,
@@ -83,20 +138,10 @@ def compact_layer(
     """The pruned-layer spec (see ``modeling_gisp_pruned``) and the layer's tensors (keys relative to it)."""
     state = dense_state(layer_module)
     cuts = _cuts(layer, keep, pad_to)
+    attention, gathers = _attention(layer, keep, cuts, declaration.attention)
+    modules = _experts(layer_module, layer, keep, cuts, state)
     for path, tensor_cuts in cuts.items():
         state[path] = cut_tensor(state[path], tensor_cuts)
-
-    attn_kind = next(kind for kind in layer.kinds.values() if kind.block == "attention")
-    flags = keep[layer.index, attn_kind.name]
-    n_heads, n_kv, even = _heads(attn_kind, flags)
-    gathers: dict[str, list[int]] = {}
-    if not even:  # one key/value copy per query head
-        readers_of: dict[TensorSlice, tuple] = {dep.slice: dep.readers for dep in attn_kind.dependents}
-        for dep in attn_kind.dependents:
-            if dep.slice.tensor_name == "weight":
-                weight = dep.slice.path
-                gathers[dep.slice.module_path] = gathered_rows(cuts[weight], readers_of, flags)
-        n_kv = n_heads
 
     for module_path, bias in extra.items():
         weight = state[f"{module_path}.weight"]
@@ -104,28 +149,20 @@ def compact_layer(
         bias = bias.detach().to(device=weight.device, dtype=weight.dtype)
         state[f"{module_path}.bias"] = bias.clone() if dense_bias is None else dense_bias + bias
 
-    modules = {}
     for module_path in sorted({path.rsplit(".", 1)[0] for path in cuts} | set(extra)):
+        if module_path in modules:
+            continue
         if not isinstance(layer_module.get_submodule(module_path), nn.Linear):
             raise TypeError(f"{layer.prefix}.{module_path} is not a linear layer; only linear projections can be cut")
         weight = state[f"{module_path}.weight"]
         modules[module_path] = {
+            "type": "linear",
             "in_features": weight.shape[1],
             "out_features": weight.shape[0],
             "bias": f"{module_path}.bias" in state,
             "gather": gathers.get(module_path),
         }
-    names = declaration.attention
-    spec = {
-        "modules": modules,
-        "attention": {
-            "module": names.module,
-            "output_projection": names.o,
-            "num_heads": n_heads,
-            "num_key_value_heads": n_kv,
-            "num_key_value_groups": n_heads // n_kv if n_kv else 1,
-        },
-    }
+    spec = {"modules": modules, "attention": attention}
     return spec, {key: value.detach().clone() for key, value in state.items()}
 
 

@@ -6,9 +6,11 @@ transformers. A pruned model is the family's own model (its attention, norms, ro
 soft-capping and scaling untouched) whose projections are resized layer by layer to the shapes in
 ``config.pruned_layers``:
 
-- ``modules``: every resized linear layer (relative to the decoder layer) with its new shape; ``gather``
-  lists output rows to repeat, so that under uneven grouped-query attention each query head gets its
-  own copy of the key/value head it reads (the family's ``repeat_kv`` needs equal groups);
+- ``modules``: every resized module (relative to the decoder layer): a ``linear`` layer with its new
+  shape, where ``gather`` lists output rows to repeat so that under uneven grouped-query attention each
+  query head gets its own copy of the key/value head it reads (the family's ``repeat_kv`` needs equal
+  groups); ``ragged_experts``, the live routed experts each with its own width; ``parameters``, a
+  module (a router) whose parameters shrink and whose attributes (``top_k``) change;
 - ``attention``: the head counts the family's attention reads at run time. A layer without query heads
   only keeps the key/value cache in step and adds its output bias, if any.
 
@@ -75,10 +77,59 @@ def _no_heads_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     return output(hidden_states.new_zeros(batch, seq, 0)), None
 
 
-def _resized_linear(spec: dict) -> nn.Linear:
-    if spec.get("gather") is not None:
-        return GatheredLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["gather"])
-    return nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
+class ExpertMLP(nn.Module):
+    """One routed expert of its own width: fused gate/up rows, down columns (as the stacked experts)."""
+
+    def __init__(self, hidden_size: int, width: int, act_fn: nn.Module):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * width, bias=False)
+        self.down_proj = nn.Linear(width, hidden_size, bias=False)
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class RaggedExperts(nn.ModuleList):
+    """The live experts of a pruned mixture-of-experts layer, each with its own number of channels.
+
+    Called like the family's stacked experts: ``(hidden_states [T, H], top_k_index [T, k],
+    top_k_weights [T, k])``; every expert adds its weighted output for the tokens routed to it.
+    """
+
+    def __init__(self, hidden_size: int, widths: list[int], act_fn: nn.Module):
+        super().__init__(ExpertMLP(hidden_size, width, act_fn) for width in widths)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for index, expert in enumerate(self):
+            token, slot = torch.where(top_k_index == index)
+            if token.numel():
+                routed = expert(hidden_states[token]) * top_k_weights[token, slot, None]
+                out.index_add_(0, token, routed.to(out.dtype))
+        return out
+
+
+def _resized(layer: nn.Module, path: str, spec: dict) -> None:
+    """Put a module of the recorded shape at ``path`` (or resize the parameters of the one there)."""
+    if spec["type"] == "linear":
+        if spec.get("gather") is not None:
+            module = GatheredLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["gather"])
+        else:
+            module = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
+        layer.set_submodule(path, module)
+    elif spec["type"] == "ragged_experts":
+        act_fn = layer.get_submodule(path).act_fn
+        layer.set_submodule(path, RaggedExperts(spec["hidden_size"], spec["widths"], act_fn))
+    elif spec["type"] == "parameters":
+        module = layer.get_submodule(path)
+        for name, shape in spec["shapes"].items():
+            setattr(module, name, nn.Parameter(torch.empty(shape)))
+        for name, value in spec["attributes"].items():
+            setattr(module, name, value)
+    else:
+        raise ValueError(f"unknown pruned module type {spec['type']!r} at {path}")
 
 
 def install_pruned_layers(model: nn.Module, config) -> None:
@@ -87,7 +138,7 @@ def install_pruned_layers(model: nn.Module, config) -> None:
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         for layer, spec in zip(model.model.layers, config.pruned_layers, strict=True):
             for path, module_spec in spec["modules"].items():
-                layer.set_submodule(path, _resized_linear(module_spec))
+                _resized(layer, path, module_spec)
             attention = spec["attention"]
             attn = layer.get_submodule(attention["module"])
             heads = {key: attention[key] for key in ("num_key_value_heads", "num_key_value_groups")}

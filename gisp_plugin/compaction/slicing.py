@@ -15,11 +15,23 @@ from gisp_plugin.anatomy.structures import TensorSlice
 
 @dataclass(frozen=True)
 class Cut:
-    """One slice of a tensor with the flags of its units: kept (True) or gone, and zero units to append."""
+    """One slice of a tensor with the flags of its units (kept or gone); kept units are padded with zero
+    units up to a multiple of ``pad_to``."""
 
     slice: TensorSlice
     flags: torch.Tensor
-    pad: int = 0
+    pad_to: int = 1
+
+    @property
+    def pad(self) -> int:
+        kept = int(self.flags.sum())
+        return -(-kept // self.pad_to) * self.pad_to - kept
+
+    def in_expert(self, expert: int) -> Cut:
+        """The cut of one expert's sub-tensor of a stacked tensor (the expert dim dropped)."""
+        s = self.slice
+        flags = self.flags.reshape(s.stacked, -1)[expert]
+        return Cut(TensorSlice(s.path, s.axis - 1, s.width, s.offset), flags, self.pad_to)
 
 
 def cut_tensor(tensor: torch.Tensor, cuts: list[Cut]) -> torch.Tensor:
@@ -44,6 +56,11 @@ def cut_tensor(tensor: torch.Tensor, cuts: list[Cut]) -> torch.Tensor:
         cursor = stop
     pieces.append(tensor.narrow(axis, cursor, tensor.shape[axis] - cursor))
     return torch.cat(pieces, dim=axis)
+
+
+def cut_stacked(tensor: torch.Tensor, cuts: list[Cut], experts: list[int]) -> list[torch.Tensor]:
+    """The sub-tensors of the kept ``experts`` of a stacked ``[E, ...]`` tensor, each cut by its own units."""
+    return [cut_tensor(tensor[e], [cut.in_expert(e) for cut in cuts]) for e in experts]
 
 
 def gathered_rows(

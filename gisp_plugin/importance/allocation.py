@@ -35,19 +35,42 @@ def _removal_params(anatomy: ModelAnatomy, keys: list[tuple[int, str]], offsets:
     return freed[order]
 
 
-def prune_lowest_globally(anatomy: ModelAnatomy, scores: Scores, target: float) -> KeepMask:
+Groups = dict[tuple[int, str], tuple[tuple[int, ...], ...]]
+
+
+def prune_lowest_globally(anatomy: ModelAnatomy, scores: Scores, target: float, groups: Groups | None = None) -> KeepMask:
     """Prune the lowest-scoring units across all layers and kinds until sparsity is closest to ``target``.
 
+    ``groups`` (optional) ranks the units of some kinds together: for such a kind, ``scores`` holds one
+    score per group (a whole expert, a key/value group) and a group's units go all at once.
     Ties are broken by position (layer, kind, index), so the decision is deterministic.
     """
+    groups = groups or {}
     keys = sorted(scores)
-    flat = torch.cat([scores[key].detach().double().cpu().flatten() for key in keys])
-    offsets = [0]
+    entry_of_unit: list[torch.Tensor] = []  # per key: the ranked entry (flat numbering) each unit belongs to
+    unit_offsets, entries = [0], 0
     for key in keys:
-        offsets.append(offsets[-1] + scores[key].numel())
-    order = torch.sort(flat, stable=True).indices
-    freed = _removal_params(anatomy, keys, offsets, order).cumsum(0)
-    prunable = int(torch.isfinite(flat[order]).sum())  # +inf (protected) units are never removed
+        count = anatomy.kind(*key).count
+        entry = torch.arange(count)
+        if key in groups:
+            entry = torch.empty(count, dtype=torch.long)
+            for index, units in enumerate(groups[key]):
+                entry[list(units)] = index
+        n_entries = len(groups[key]) if key in groups else count
+        if n_entries != scores[key].numel():
+            raise ValueError(f"{key}: {scores[key].numel()} scores for {n_entries} ranked entries")
+        entry_of_unit.append(entry + entries)
+        entries += scores[key].numel()
+        unit_offsets.append(unit_offsets[-1] + count)
+    flat = torch.cat([scores[key].detach().double().cpu().flatten() for key in keys])
+    order = torch.sort(flat, stable=True).indices  # entries, lowest first
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    owner = torch.cat(entry_of_unit)
+    unit_order = torch.sort(rank[owner], stable=True).indices  # units, entry by entry in ranked order
+    sizes = torch.bincount(owner, minlength=entries)[order]
+    freed = _removal_params(anatomy, keys, unit_offsets, unit_order).cumsum(0)[sizes.cumsum(0) - 1]
+    prunable = int(torch.isfinite(flat[order]).sum())  # +inf (protected) entries are never removed
 
     dense = anatomy.dense_params
     needed = target * dense
@@ -56,13 +79,13 @@ def prune_lowest_globally(anatomy: ModelAnatomy, scores: Scores, target: float) 
         raise UnreachableTargetError(f"sparsity {target} is above what the unprotected structures can give ({reachable:.3f})")
     k = int(torch.searchsorted(freed[:prunable], torch.tensor(needed, dtype=torch.float64)))
     k = min(k, prunable - 1)
-    count = k + 1  # units removed: first prefix reaching the target
+    count = k + 1  # entries removed: first prefix reaching the target
     if count > 1 and abs(freed[count - 2] - needed) < abs(freed[count - 1] - needed):
         count -= 1
 
-    keep_flat = torch.ones(offsets[-1], dtype=torch.bool)
-    keep_flat[order[:count]] = False
-    return KeepMask({key: keep_flat[a:b] for key, a, b in zip(keys, offsets[:-1], offsets[1:], strict=True)})
+    keep_flat = torch.ones(unit_offsets[-1], dtype=torch.bool)
+    keep_flat[unit_order[: int(sizes[:count].sum())]] = False
+    return KeepMask({key: keep_flat[a:b] for key, a, b in zip(keys, unit_offsets[:-1], unit_offsets[1:], strict=True)})
 
 
 def _largest_unit(anatomy: ModelAnatomy) -> int:

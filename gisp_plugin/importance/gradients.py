@@ -122,7 +122,7 @@ def weight_paths(anatomy: ModelAnatomy, include_dependents: bool = False) -> lis
             slices = list(kind.owned) + ([d.slice for d in kind.dependents] if include_dependents else [])
             for tensor_slice in slices:
                 path = f"{layer.prefix}.{tensor_slice.path}"
-                if tensor_slice.tensor_name == "weight" and path not in paths:
+                if not tensor_slice.is_bias and path not in paths:
                     paths.append(path)
     return paths
 

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+from gisp_plugin.masking.routing import RoutingMask
 from gisp_plugin.masking.sparsifier import StructureSparsifier
 
 
@@ -22,6 +23,7 @@ class MaskedModel:
         self.anatomy = anatomy
         self.sparsifier = StructureSparsifier(anatomy)
         self.sparsifier.prepare(model)
+        self.routing = RoutingMask(model, anatomy)
         self.extra_biases: dict[str, torch.Tensor] = {}
         self._bias_hooks: list[RemovableHandle] = []
 
@@ -32,6 +34,7 @@ class MaskedModel:
     def apply(self, keep: KeepMask, extra_biases: dict[str, torch.Tensor] | None = None) -> None:
         """Compute the subnetwork ``keep``; ``extra_biases`` maps module paths to added output biases."""
         self.sparsifier.apply(keep)
+        self.routing.apply(keep)
         self.set_extra_biases(extra_biases or {})
 
     def set_extra_biases(self, extra_biases: dict[str, torch.Tensor]) -> None:
@@ -49,6 +52,7 @@ class MaskedModel:
     def release(self) -> nn.Module:
         """Remove masks and biases; the model is dense again."""
         self.set_extra_biases({})
+        self.routing.remove()
         self.sparsifier.restore_dense()
         return self.model
 

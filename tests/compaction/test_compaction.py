@@ -20,26 +20,31 @@ def random_biases(model, seed: int, layers: list[int]) -> dict[str, torch.Tensor
     generator = torch.Generator().manual_seed(seed)
     hidden = model.config.hidden_size
     out = {}
+    linears = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     for i in layers:
-        out[f"model.layers.{i}.self_attn.o_proj"] = torch.randn(hidden, generator=generator)
-        out[f"model.layers.{i}.mlp.down_proj"] = torch.randn(hidden, generator=generator)
+        for path in ("self_attn.o_proj", "mlp.down_proj", "mlp.shared_expert.down_proj"):  # where the layer has them
+            if f"model.layers.{i}.{path}" in linears:
+                out[f"model.layers.{i}.{path}"] = torch.randn(hidden, generator=generator)
     return out
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     case=st.sampled_from(CASES),
     seed=st.integers(0, 10_000),
     p_keep=st.sampled_from([0.1, 0.4, 0.7, 0.95]),
     empty_layer=st.sampled_from([None, 0, 1, 2]),
-    empty_kind=st.sampled_from(["attn_head", "mlp_channel"]),
+    empty_kind=st.sampled_from(["attn_head", "mlp_channel", "expert_channel", "shared_channel"]),
+    p_expert_out=st.sampled_from([0.0, 0.5, 1.0]),
     bias_layers=st.sampled_from([[], [0], [1, 2]]),
 )
-def test_compacted_equals_masked(case, seed, p_keep, empty_layer, empty_kind, bias_layers):
+def test_compacted_equals_masked(case, seed, p_keep, empty_layer, empty_kind, p_expert_out, bias_layers):
+    """Random masks on every family: empty blocks, uneven GQA groups, whole experts removed, experts
+    with few channels; output biases added to any layer."""
     model = MODELS[case]
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
-    keep = random_keep(anatomy, seed, p_keep, empty_layer, empty_kind)
+    keep = random_keep(anatomy, seed, p_keep, empty_layer, empty_kind, p_expert_out)
     biases = random_biases(model, seed, bias_layers)
     ids = random_ids(2, 10, seed)
     with MaskedModel(model, anatomy) as masked, torch.no_grad():

@@ -134,7 +134,7 @@ def test_masked_weights_get_the_masked_gradient_with_and_without_checkpointing()
         masked.apply(keep)
         plain = accumulate_gradients(model, paths, calibration, NTP, batch_size=2)
         checkpointed = accumulate_gradients(model, paths, calibration, NTP, batch_size=3, gradient_checkpointing=True)
-    d = model.config.head_dim
+    d = model.model.layers[1].self_attn.head_dim
     q, o = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.o_proj.weight"
     for head in (0, 4):
         assert torch.all(plain.grad[q][head * d : (head + 1) * d] == 0)

@@ -44,7 +44,8 @@ def independent_scores(family: str, keep: KeepMask, calibration: CalibrationSet)
     """Per-unit sum |W * g| by plain autograd on a fresh model whose pruned slices are zeroed by hand."""
     model = tiny_model(family)
     config = model.config
-    d, n_heads, n_kv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    d = model.model.layers[0].self_attn.head_dim  # published Qwen2 configs set no head_dim
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     group = n_heads // n_kv
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
@@ -216,7 +217,7 @@ def test_iterative_steps_rescore_on_the_masked_model():
     options = GispOptions(steps=1, protect="none")
     raw, _ = step_scores(model, anatomy, calibration, options)
     dense = KeepMask.dense(anatomy)
-    ranked = gisp.ranking_scores(gisp.normalize_scores(model, anatomy, raw, "reference", dense, []), dense, [])
+    ranked = gisp.ranking_scores(anatomy, gisp.normalize_scores(model, anatomy, raw, "reference", dense, []), dense, [])
     one_shot = list(run_method(model, None, "gisp", [0.2, 0.4], {"steps": "1", "protect": "none"}, calibration))
     for subnetwork in one_shot:
         assert subnetwork.keep == prune_lowest_globally(anatomy, ranked, subnetwork.target)
@@ -225,7 +226,7 @@ def test_iterative_steps_rescore_on_the_masked_model():
         masked.apply(two[0].keep)
         raw_at_20, _ = step_scores(model, anatomy, calibration, options)
     live = two[0].keep
-    ranked_at_20 = gisp.ranking_scores(gisp.normalize_scores(model, anatomy, raw_at_20, "reference", live, []), live, [])
+    ranked_at_20 = gisp.ranking_scores(anatomy, gisp.normalize_scores(model, anatomy, raw_at_20, "reference", live, []), live, [])
     assert two[1].keep == prune_lowest_globally(anatomy, ranked_at_20, 0.4)
     changed = [not torch.allclose(raw_at_20[key][live[key]], raw[key][live[key]], rtol=1e-3) for key in raw]
     assert any(changed)  # the second step's scores are not the dense model's
