@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from gisp_baselines.walk import layer_walk, stats_by_kind
 from gisp_plugin.anatomy.structures import ModelAnatomy
-from gisp_plugin.importance.uniform import GroupScores, Groups, keep_lowest, ratio_for_target
+from gisp_plugin.importance.uniform import Groups, GroupScores, keep_lowest, ratio_for_target
 from gisp_plugin.methods.api import CalibrationDefaults, MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.plugins import hookimpl
 
