@@ -243,8 +243,29 @@ FAMILIES = {
         "use_cache": True,
         "use_sliding_window": False,
     },
+    # allenai/OLMoE-1B-7B-0924: 64 experts (top-8, not renormalised); q/k norms over the whole projection
+    "olmoe": {
+        "model_type": "olmoe",
+        "architectures": ["OlmoeForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "clip_qkv": None,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "norm_topk_prob": False,
+        "num_attention_heads": 6,
+        "num_experts": 6,
+        "num_experts_per_tok": 3,
+        "num_key_value_heads": 6,
+        "output_router_logits": False,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "router_aux_loss_coef": 0.01,
+        "tie_word_embeddings": False,
+    },
 }
-MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe"}
+MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
 # Families with separate q/k/v and gate/up projections and a dense MLP in every layer: the hand-written
 # independent computations of the method tests slice these tensors directly.
 SEPARATE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]

@@ -45,6 +45,12 @@ def expert_groups(anatomy: ModelAnatomy) -> Groups:
     return groups
 
 
+def max_sparsity(anatomy: ModelAnatomy, options: ReapOptions) -> float:
+    """Every routed expert removed (a model without routed experts is refused here, before calibration)."""
+    expert_groups(anatomy)
+    return anatomy.max_sparsity(blocks={"expert_mlp"})
+
+
 def run(job: PruningJob) -> Iterator[Subnetwork]:
     options: ReapOptions = job.options
     if options.batch_size < 1:
@@ -70,7 +76,7 @@ REAP = MethodSpec(
     options=ReapOptions,
     calibration=CalibrationDefaults(source="c4", n_samples=128, seqlen=512),
     nested=False,
-    max_sparsity=lambda anatomy, options: anatomy.max_sparsity(blocks={"expert_mlp"}),
+    max_sparsity=max_sparsity,
 )
 
 

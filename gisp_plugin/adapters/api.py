@@ -45,5 +45,5 @@ def adapter_for(model: PreTrainedModel) -> ArchitectureAdapter:
     raise UnsupportedArchitectureError(
         f"model type {model_type!r} is not supported; supported families: {supported}. "
         "To add one, write a plugin whose gisp_adapters() hook returns an ArchitectureAdapter "
-        "(see README, 'Adding a method or architecture')."
+        "(see docs/adding_a_method.md, 'Adding an architecture')."
     )

@@ -17,6 +17,7 @@ SEPARATE = DecoderDeclaration()
 FUSED = DecoderDeclaration(AttentionNames(qkv="qkv_proj"), MLPNames(gate_up="gate_up_proj"))
 ROUTED = DecoderDeclaration(experts=ExpertNames())
 ROUTED_SHARED = DecoderDeclaration(experts=ExpertNames(shared="shared_expert"))
+ROUTED_NORMED = DecoderDeclaration(AttentionNames(projection_norms=("q_norm", "k_norm")), experts=ExpertNames())
 
 
 def decoder_adapter(
@@ -61,6 +62,9 @@ ADAPTERS = [
         ROUTED,
     ),
     decoder_adapter("qwen2_moe", "Qwen1.5/Qwen2-MoE (routed experts plus a gated shared expert)", ("qwen2_moe",), ROUTED_SHARED),
+    decoder_adapter(
+        "olmoe", "OLMoE (routed experts; q/k norms over the whole projection, cut with the heads)", ("olmoe",), ROUTED_NORMED
+    ),
 ]
 
 

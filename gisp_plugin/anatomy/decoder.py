@@ -35,7 +35,13 @@ SHARED_CHANNEL = "shared_channel"
 
 @dataclass(frozen=True)
 class AttentionNames:
-    """Where a family keeps its attention projections; ``qkv`` names one fused ``[q; k; v]`` projection."""
+    """Where a family keeps its attention projections; ``qkv`` names one fused ``[q; k; v]`` projection.
+
+    ``projection_norms`` names RMS norms over the whole query and key projections (OLMoE's ``q_norm``,
+    ``k_norm``): their weights are cut with the heads, and the compacted norm keeps the dense width as
+    its divisor, so it computes what the masked one does. Norms over one head's ``head_dim`` (Qwen3,
+    Gemma 3) are shared by all heads and stay whole: they need no declaration.
+    """
 
     module: str = "self_attn"
     q: str = "q_proj"
@@ -43,6 +49,7 @@ class AttentionNames:
     v: str = "v_proj"
     o: str = "o_proj"
     qkv: str | None = None
+    projection_norms: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -148,6 +155,10 @@ def attention_kind(layer: nn.Module, names: AttentionNames) -> StructureKind:
 
     owned = _row_slices(layer, q, head_dim) + [TensorSlice(f"{o_path}.weight", 1, head_dim)]
     kv_slices = _row_slices(layer, k, head_dim) + _row_slices(layer, v, head_dim)
+    if names.projection_norms is not None:
+        q_norm, k_norm = (f"{names.module}.{norm}.weight" for norm in names.projection_norms)
+        owned.append(TensorSlice(q_norm, 0, head_dim))
+        kv_slices.append(TensorSlice(k_norm, 0, head_dim))
     if n_kv == n_heads:
         return _make_kind(layer, ATTN_HEAD, "attention", n_heads, owned + kv_slices, [])
     group = n_heads // n_kv

@@ -144,15 +144,29 @@ def compact_layer(
         state[path] = cut_tensor(state[path], tensor_cuts)
 
     for module_path, bias in extra.items():
+        if f"{module_path}.weight" not in state:
+            raise ValueError(f"an extra bias names {layer.prefix}.{module_path}, which is not a projection of this layer")
         weight = state[f"{module_path}.weight"]
         dense_bias = state.get(f"{module_path}.bias")
         bias = bias.detach().to(device=weight.device, dtype=weight.dtype)
         state[f"{module_path}.bias"] = bias.clone() if dense_bias is None else dense_bias + bias
 
+    norms = {f"{declaration.attention.module}.{norm}" for norm in declaration.attention.projection_norms or ()}
+    if norms and gathers:
+        raise ValueError(f"{layer.prefix}: uneven key/value groups under a norm over the whole key projection are not supported")
     for module_path in sorted({path.rsplit(".", 1)[0] for path in cuts} | set(extra)):
         if module_path in modules:
             continue
-        if not isinstance(layer_module.get_submodule(module_path), nn.Linear):
+        module = layer_module.get_submodule(module_path)
+        if module_path in norms:
+            modules[module_path] = {
+                "type": "projection_norm",
+                "features": state[f"{module_path}.weight"].shape[0],
+                "dense_features": dense_tensor(module, "weight").shape[0],
+                "eps": module.variance_epsilon,
+            }
+            continue
+        if not isinstance(module, nn.Linear):
             raise TypeError(f"{layer.prefix}.{module_path} is not a linear layer; only linear projections can be cut")
         weight = state[f"{module_path}.weight"]
         modules[module_path] = {

@@ -9,7 +9,8 @@ soft-capping and scaling untouched) whose projections are resized layer by layer
 - ``modules``: every resized module (relative to the decoder layer): a ``linear`` layer with its new
   shape, where ``gather`` lists output rows to repeat so that under uneven grouped-query attention each
   query head gets its own copy of the key/value head it reads (the family's ``repeat_kv`` needs equal
-  groups); ``ragged_experts``, the live routed experts each with its own width; ``parameters``, a
+  groups); ``projection_norm``, a norm over a whole projection that keeps its dense divisor (OLMoE);
+  ``ragged_experts``, the live routed experts each with its own width; ``parameters``, a
   module (a router) whose parameters shrink and whose attributes (``top_k``) change;
 - ``attention``: the head counts the family's attention reads at run time. A layer without query heads
   only keeps the key/value cache in step and adds its output bias, if any.
@@ -77,6 +78,26 @@ def _no_heads_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     return output(hidden_states.new_zeros(batch, seq, 0)), None
 
 
+class ProjectionRMSNorm(nn.Module):
+    """An RMS norm over a whole query or key projection (OLMoE) that lost some heads' features.
+
+    It divides by the dense projection's width, as the masked model's norm does over its zeroed
+    features, so the compacted model computes the same thing.
+    """
+
+    def __init__(self, features: int, dense_features: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(features))
+        self.dense_features = dense_features
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).sum(-1, keepdim=True) / self.dense_features
+        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).to(dtype)
+
+
 class ExpertMLP(nn.Module):
     """One routed expert of its own width: fused gate/up rows, down columns (as the stacked experts)."""
 
@@ -119,6 +140,8 @@ def _resized(layer: nn.Module, path: str, spec: dict) -> None:
         else:
             module = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
         layer.set_submodule(path, module)
+    elif spec["type"] == "projection_norm":
+        layer.set_submodule(path, ProjectionRMSNorm(spec["features"], spec["dense_features"], spec["eps"]))
     elif spec["type"] == "ragged_experts":
         act_fn = layer.get_submodule(path).act_fn
         layer.set_submodule(path, RaggedExperts(spec["hidden_size"], spec["widths"], act_fn))

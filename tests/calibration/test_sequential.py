@@ -9,7 +9,7 @@ from gisp_plugin.calibration.recorder import collect_input_statistics
 from gisp_plugin.calibration.sequential import SequentialCalibration, capture_layer_inputs
 from gisp_plugin.data.api import CalibrationSet
 from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import tiny_model
+from tests.tiny import EAGER_ONLY, tiny_model
 
 MODULES = ("self_attn.o_proj", "mlp.down_proj")
 
@@ -32,6 +32,8 @@ def assert_same_stats(got, expected):
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_dense_propagation_equals_full_passes_with_padding(family, attn):
+    if attn == "sdpa" and family in EAGER_ONLY:
+        pytest.skip(f"transformers has no SDPA attention for {family}")
     model = tiny_model(family, attn=attn)
     calibration = ragged_calibration()
     expected = collect_input_statistics(model, calibration, full_paths(model, range(3)), batch_size=2)

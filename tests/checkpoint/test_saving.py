@@ -21,9 +21,8 @@ def _pruned(family: str, seed: int = 0):
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
     keep = random_keep(anatomy, seed, 0.6)
-    biases = {
-        "model.layers.1.mlp.down_proj": torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
-    }
+    hidden = model.config.hidden_size
+    biases = {"model.layers.1.self_attn.o_proj": torch.randn(hidden, generator=torch.Generator().manual_seed(seed))}
     compact = adapter.compact(model, keep, biases)
     record = record_for(compact, anatomy, keep, target=0.4)
     return model, compact, keep, biases, record

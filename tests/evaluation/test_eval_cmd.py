@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_eval_pruned_folder(dense_folder, test_source, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--model", str(folder), "--eval", f"perplexity:source={test_source},seqlen=16,max_windows=4"]) == 0
     printed = capsys.readouterr().out
-    assert "magnitude at structural sparsity 0.3" in printed
+    assert re.search(r"magnitude at structural sparsity 0\.(2[5-9]|3[0-5])\d", printed), printed
     assert "4 windows" in printed
 
 

@@ -16,7 +16,7 @@ from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.checkpoint.saving import count_params
 from gisp_plugin.cli import main
 from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import FAMILIES, SAMPLE_TEXT, random_ids, tiny_model
+from tests.tiny import FAMILIES, MOE_FAMILIES, SAMPLE_TEXT, random_ids, tiny_model
 
 METHODS = {
     "magnitude": [],
@@ -42,17 +42,20 @@ def folders(tmp_path_factory, tokenizer):
     return out, text
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("family", list(FAMILIES))
+CASES = [(family, method) for family in FAMILIES for method in METHODS] + [(family, "reap") for family in sorted(MOE_FAMILIES)]
+
+
+@pytest.mark.parametrize(("family", "method"), CASES)
 def test_method_prunes_family_end_to_end(tmp_path, folders, family, method):
     dense_folders, text = folders
     out = tmp_path / "out"
     args = ["prune", "--model", str(dense_folders[family]), "--method", method, "--sparsity", "0.3", "--out", str(out)]
-    args += ["--calibration", f"file:{text}", "--n-samples", "4", "--seqlen", "16", *METHODS[method]]
+    args += ["--calibration", f"file:{text}", "--n-samples", "4", "--seqlen", "16", *METHODS.get(method, [])]
     assert main(args) == 0
     folder = out / f"{method}-s0.30"
     record = json.loads((folder / "pruning.json").read_text())
-    # LLM-Pruner removes whole key/value groups in every layer alike: with 1-2 groups per layer it lands coarsely (0.41)
+    # LLM-Pruner removes whole key/value groups in every layer alike: with 1-2 groups per layer it lands
+    # coarsely (0.41); REAP removes whole experts of 4-6 per layer
     assert 0.15 < record["sparsity"] < 0.45, record["sparsity"]
 
     pruned = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)

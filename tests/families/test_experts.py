@@ -195,3 +195,87 @@ def test_expert_statistics_are_over_the_tokens_routed_to_each_expert(family):
         if x.shape[0] > 1:
             torch.testing.assert_close(stats.variance[e], x.var(0), rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(stats.saliency, saliency, rtol=1e-5, atol=1e-8)
+
+
+def test_compare_runs_on_a_tiny_mixture_of_experts(tmp_path, tokenizer):
+    """`gisp compare` with an expert-level baseline beside GISP and the activation methods."""
+    import csv
+    import json
+
+    from gisp_plugin.cli import main
+    from tests.tiny import tiny_folder
+
+    model_dir, text = tiny_folder(tmp_path, "mixtral", tokenizer)
+    config = {
+        "model": str(model_dir),
+        "methods": ["gisp", "wanda_sp", "flap", "reap"],
+        "method_options": {"gisp": {"steps": "2", "group": "experts"}},
+        "sparsities": [0.2, 0.4],
+        "evals": [f"perplexity:source=file:{text},seqlen=16,max_windows=4"],
+        "calibration": f"file:{text}",
+        "n_samples": 4,
+        "seqlen": 16,
+    }
+    config_file = tmp_path / "comparison.json"
+    config_file.write_text(json.dumps(config))
+    out = tmp_path / "results"
+    assert main(["compare", "--config", str(config_file), "--out", str(out)]) == 0
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["method"], float(r["target"])) for r in rows} == {("dense", 0.0)} | {
+        (m, t) for m in ("gisp", "wanda_sp", "flap", "reap") for t in (0.2, 0.4)
+    }
+    metric = next(key for key in rows[0] if key.startswith("ppl"))
+    assert all(float(r[metric]) > 0 for r in rows)
+
+
+def test_olmoe_projection_norms_are_cut_with_their_heads():
+    """OLMoE normalises the whole query/key projection: the cut norm divides by the dense width."""
+    from gisp_plugin.compaction.modeling_gisp_pruned import ProjectionRMSNorm
+
+    model = tiny_model("olmoe")
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    kind = anatomy.kind(0, "attn_head")
+    assert "self_attn.q_norm.weight" in {s.path for s in kind.owned}
+    keep = KeepMask.dense(anatomy)
+    flags = torch.ones(kind.count, dtype=torch.bool)
+    flags[[1, 4]] = False
+    keep[0, "attn_head"] = flags
+    compact = adapter.compact(model, keep, {})
+    q_norm = compact.model.layers[0].self_attn.q_norm
+    assert isinstance(q_norm, ProjectionRMSNorm)
+    assert (q_norm.weight.numel(), q_norm.dense_features) == (4 * 8, 6 * 8)
+    ids = random_ids(2, 12)
+    with MaskedModel(model, anatomy) as masked, torch.no_grad():
+        masked.apply(keep)
+        torch.testing.assert_close(compact(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_reap_on_a_dense_model_is_refused_before_calibration(tmp_path, tokenizer, capsys):
+    from gisp_plugin.cli import main
+    from tests.tiny import tiny_folder
+
+    model_dir, _ = tiny_folder(tmp_path, "llama", tokenizer)
+    args = ["prune", "--model", str(model_dir), "--method", "reap", "--sparsity", "0.3", "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "reap prunes routed experts; this llama model has none" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_reap_removes_the_lowest_saliency_experts_of_every_layer(family):
+    """The experts REAP removes are, in every layer, the ones with the lowest saliency computed by hand."""
+    model = tiny_model(family)
+    anatomy = adapter_for(model).anatomy(model)
+    calibration = _calibration()
+    ids = torch.stack(calibration.sequences)
+    (subnetwork,) = run_method(model, None, "reap", [0.25], {"batch_size": "4"}, calibration)
+    for layer in anatomy.layers:
+        _, saliency = _by_hand(model, layer.index, ids)
+        readers = layer.kinds["expert_channel"].router_rows.readers
+        flags = subnetwork.keep[layer.index, "expert_channel"]
+        removed = [e for e, units in enumerate(readers) if not bool(flags[list(units)].any())]
+        kept = [e for e, units in enumerate(readers) if bool(flags[list(units)].all())]
+        assert len(removed) + len(kept) == len(readers) and removed
+        assert float(saliency[removed].max()) <= float(saliency[kept].min())
