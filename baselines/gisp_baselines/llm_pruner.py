@@ -6,7 +6,8 @@
    per-sample gradients, one sequence at a time, as the reference does.
 2. Taylor importance of every group (``gisp_baselines.taylor``): heads (``q/k/v`` rows + ``o``
    columns; under GQA a whole key/value group by default), MLP channels (``gate/up`` rows + ``down``
-   column).
+   column), and in mixture-of-experts layers the channels inside each routed expert and of the shared
+   expert (an expert goes when its last channel does; the reference has no MoE support).
 3. Local and uniform: every layer in the pruned range loses the same fraction of its head groups and
    of its channels, the lowest-importance ones. Layers outside ``layer_start .. layer_end`` are kept
    whole (reference: ``4 .. L-3`` for Llama-7B's 32 layers, i.e. ``range(4, 30)``). One shot: the

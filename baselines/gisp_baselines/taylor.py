@@ -85,7 +85,7 @@ def kind_group_scores(
     per_unit = torch.zeros(kind.count, dtype=torch.float64)
     for tensor_slice in _weight_slices(kind.owned):
         per_unit += _slice_scores(model, prefix, tensor_slice, kind.count, sums, variant)
-    if head_unit == "query_head" or not kind.dependents:
+    if head_unit == "query_head" or not kind.dependents or kind.block != "attention":  # experts: channel by channel
         return per_unit, tuple((u,) for u in range(kind.count))
     readers = kind.dependents[0].readers
     if any(dep.readers != readers for dep in kind.dependents):
@@ -121,7 +121,8 @@ def gradient_weight_paths(anatomy: ModelAnatomy, layers: list[int], head_unit: H
     for i in layers:
         layer = anatomy.layers[i]
         for kind in layer.kinds.values():
-            slices = list(kind.owned) + ([d.slice for d in kind.dependents] if head_unit == "kv_group" else [])
+            grouped = head_unit == "kv_group" and kind.block == "attention"
+            slices = list(kind.owned) + ([d.slice for d in kind.dependents] if grouped else [])
             for tensor_slice in _weight_slices(slices):
                 path = f"{layer.prefix}.{tensor_slice.path}"
                 if path not in paths:
