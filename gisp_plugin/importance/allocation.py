@@ -1,6 +1,7 @@
 """Turning structure scores into one global ranking (the same ratio in every layer: ``uniform.py``).
 
-Scores are a dict ``(layer, kind) -> float tensor [units]``; a unit scored ``+inf`` is never pruned.
+Scores are a dict ``(layer, kind) -> float tensor [units]``; a unit scored ``+inf`` is never pruned, and
+a NaN or ``-inf`` score stops the run (``NonFiniteError``): no method's decision rests on one.
 Both allocators count parameters exactly as the anatomy does, including key/value heads that go
 when the last query head reading them goes, so targets mean the paper's parameter sparsity.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+from gisp_plugin.finite import check_scores
 
 Scores = dict[tuple[int, str], torch.Tensor]
 
@@ -40,6 +42,7 @@ def prune_lowest_globally(anatomy: ModelAnatomy, scores: Scores, target: float) 
 
     Ties are broken by position (layer, kind, index), so the decision is deterministic.
     """
+    check_scores(scores)
     keys = sorted(scores)
     flat = torch.cat([scores[key].detach().double().cpu().flatten() for key in keys])
     offsets = [0]
