@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 import gisp_plugin
 from gisp_plugin.compaction import modeling_gisp_pruned
 from gisp_plugin.compaction.modeling_gisp_pruned import PRUNED_CLASSES
+from gisp_plugin.models.loading import ModelLoadError, check_weights
 
 RECORD_FILE = "pruning.json"
 RECORD_FORMAT = "gisp-pruned/1"
@@ -119,11 +120,12 @@ def load_pruned(
             f"{str(path)!r} has config model_type {config_data.get('model_type')!r}, "
             f"not a gisp-plugin pruned family ({', '.join(PRUNED_CLASSES)})"
         )
-    weights = list(path.glob("*.safetensors"))
-    if not weights:
-        raise CheckpointError(f"{str(path)!r} has no safetensors weights")
+    try:
+        check_weights(path)  # safetensors only, each file complete
+    except ModelLoadError as err:
+        raise CheckpointError(str(err)) from err
     _, model_cls = PRUNED_CLASSES[family]
-    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto", "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
