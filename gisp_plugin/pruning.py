@@ -22,7 +22,7 @@ from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
 from gisp_plugin.data.loading import load_calibration
 from gisp_plugin.finite import check_finite_tensors, check_finite_weights
-from gisp_plugin.inputs import check_seqlen, context_limit
+from gisp_plugin.inputs import check_int, check_seqlen, context_limit
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.methods.api import MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.methods.options import options_to_dict, parse_options
@@ -41,8 +41,12 @@ class TargetError(ValueError):
 
 def check_targets(targets: Sequence[float], reachable: float) -> tuple[float, ...]:
     """Sorted unique targets, each in (0, 1) and reachable; otherwise one clear error."""
-    if not targets:
-        raise TargetError("give at least one sparsity target, e.g. 0.2,0.3,0.5")
+    if isinstance(targets, (int, float)) and not isinstance(targets, bool):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise TargetError(f"give at least one sparsity target, e.g. [0.2, 0.3, 0.5]; got {targets!r}")
+    if any(isinstance(t, bool) or not isinstance(t, (int, float)) for t in targets):
+        raise TargetError(f"sparsity targets must be numbers such as 0.2, got {list(targets)!r}")
     for target in targets:
         if not 0.0 < target < 1.0:
             raise TargetError(f"sparsity {target} is outside (0, 1); give fractions such as 0.2,0.3,0.5")
@@ -83,6 +87,10 @@ def check_run(
     Callers that write files (``gisp prune``) call it before claiming their folder; ``run_method``
     calls it again, so the Python API gets the same checks.
     """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"run_method needs a transformers model (load one with gisp_plugin.load_model), got {type(model).__name__}"
+        )
     spec, parsed = resolve_method(method, options)
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
@@ -115,6 +123,7 @@ def run_method(
     the method's own time to reach it (a resumed method counts its earlier, interrupted work too).
     A non-finite weight, score or bias stops the run with ``NonFiniteError``.
     """
+    check_int("seed", seed, 0)
     run = check_run(model, method, targets, options, calibration)
     spec, parsed, anatomy, targets = run.spec, run.options, run.anatomy, run.targets
 

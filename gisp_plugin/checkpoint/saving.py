@@ -21,7 +21,8 @@ from transformers import PreTrainedModel
 import gisp_plugin
 from gisp_plugin.compaction import modeling_gisp_pruned
 from gisp_plugin.compaction.modeling_gisp_pruned import PRUNED_CLASSES
-from gisp_plugin.models.loading import ModelLoadError, check_weights
+from gisp_plugin.inputs import check_device
+from gisp_plugin.models.loading import ModelLoadError, check_weights, parse_dtype
 
 RECORD_FILE = "pruning.json"
 RECORD_FORMAT = "gisp-pruned/1"
@@ -104,10 +105,13 @@ def is_pruned_folder(path: str | Path) -> bool:
 def load_pruned(
     path: str | Path,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Load a folder written by ``save_pruned`` with this package's modelling classes."""
+    device = check_device(device)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
     path = Path(path)
     record = read_record(path)
     try:

@@ -252,6 +252,10 @@ class Comparison:
         return ComparisonResult(self.config, rows, costs, eval_settings)
 
 
-def run_comparison(config: ComparisonConfig, out: Path) -> ComparisonResult:
-    """Check everything, then run (or resume) the comparison into ``out``."""
-    return Comparison(config, out).run()
+def run_comparison(config: ComparisonConfig | dict[str, Any], out: str | Path) -> ComparisonResult:
+    """Check everything, then run (or resume) the comparison into ``out`` (a config or its mapping)."""
+    if isinstance(config, dict):
+        config = ComparisonConfig.from_mapping(config, "the comparison mapping")
+    if not isinstance(config, ComparisonConfig):
+        raise ConfigError(f"run_comparison needs a ComparisonConfig or a mapping, got {type(config).__name__}")
+    return Comparison(config, Path(out)).run()
