@@ -79,6 +79,18 @@ def check_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def check_attention(name: str | None) -> str | None:
+    """An attention implementation transformers knows (``eager``, ``sdpa``, ...), or a hub kernel ``owner/name``."""
+    if name is None or "/" in name:
+        return name
+    from transformers import AttentionInterface
+
+    known = ["eager", *AttentionInterface._global_mapping]
+    if name not in known:
+        raise InputError(f"unknown attention implementation {name!r}; choose one of {', '.join(known)}")
+    return name
+
+
 def check_output_folder(path: str | Path, what: str = "output folder") -> Path:
     """A folder path that is not a file and whose nearest existing ancestor is writable."""
     path = Path(path).expanduser()

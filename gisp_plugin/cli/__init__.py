@@ -6,6 +6,8 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+from pathlib import Path
 from typing import NoReturn
 
 COMMANDS = (
@@ -54,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a failure no check foresaw: still one line, the traceback with -v
         if args.verbose:
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"gisp {args.command}: error: {type(err).__name__}: {first} (run with -v for the traceback)", file=sys.stderr)
+        print(f"gisp {args.command}: error: {_unforeseen(err)} (run with -v for the traceback)", file=sys.stderr)
         return 1
 
 
@@ -65,3 +66,14 @@ def _one_line(err: BaseException) -> str:
     if isinstance(err, KeyError) and err.args:  # str(KeyError) is the quoted key alone
         text = f"missing {err.args[0]!r}"
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _unforeseen(err: BaseException) -> str:
+    """Type, message and, for a bare one (``assert`` in a library), the failing line of code."""
+    text = _one_line(err) if str(err).strip() else ""
+    frames = traceback.extract_tb(err.__traceback__)
+    if frames and not text:
+        last = frames[-1]
+        where = "/".join(Path(last.filename).parts[-3:])
+        text = f"at {where}:{last.lineno}" + (f" ({last.line.strip()})" if last.line else "")
+    return f"{type(err).__name__}: {text}"

@@ -45,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_config(args: argparse.Namespace) -> ComparisonConfig:
+    if args.methods is not None and not args.methods.replace(",", "").strip():
+        raise ConfigError("--methods names no method; leave it out to compare every registered method")
     config = ComparisonConfig.from_file(args.config) if args.config else ComparisonConfig()
     overrides = {
         key: getattr(args, key)

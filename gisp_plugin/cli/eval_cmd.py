@@ -18,7 +18,7 @@ from gisp_plugin.cli.prune_cmd import add_model_arguments
 from gisp_plugin.evaluation.api import EvalResult
 from gisp_plugin.evaluation.offline_data import prepare_offline_tasks
 from gisp_plugin.evaluation.specs import check_spec_inputs, evaluate, parse_eval_specs
-from gisp_plugin.inputs import InputError, check_device, check_output_folder, folder_context_limit
+from gisp_plugin.inputs import InputError, check_attention, check_device, check_output_folder, folder_context_limit
 from gisp_plugin.models.loading import load_model, parse_dtype, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     specs = parse_eval_specs(args.evals or [DEFAULT_EVAL])  # bad names or options fail before loading
     parse_dtype(args.dtype)
     check_device(args.device)
+    check_attention(args.attn)
     if args.json is not None:
         if args.json.is_dir():
             raise InputError(f"--json {str(args.json)!r} is a folder; give a file path")

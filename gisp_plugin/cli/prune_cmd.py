@@ -18,7 +18,7 @@ from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.cli.arguments import int_at_least, parse_sparsities
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
 from gisp_plugin.data.loading import data_source, load_calibration
-from gisp_plugin.inputs import check_device, check_seqlen, context_limit, folder_context_limit
+from gisp_plugin.inputs import check_attention, check_device, check_seqlen, context_limit, folder_context_limit
 from gisp_plugin.methods.api import MethodSpec
 from gisp_plugin.methods.options import options_to_dict, parse_assignments
 from gisp_plugin.models.loading import DEFAULT_MODEL, load_model, parse_dtype
@@ -128,6 +128,7 @@ def check_inputs(args: argparse.Namespace) -> tuple:
         raise ValueError(f"method {args.method!r} is not nested; --trajectory-only needs a nested method")
     parse_dtype(args.dtype)
     check_device(args.device)
+    check_attention(args.attn)
     request = calibration_request(spec, args)
     recovery = recovery_request(request, args)
     limit = folder_context_limit(args.model) if Path(args.model).expanduser().is_dir() else None

@@ -60,18 +60,20 @@ def parse_eval_specs(texts: Iterable[str]) -> list[EvalSpec]:
     return specs
 
 
-def check_spec_inputs(specs: Iterable[EvalSpec], context: int | None, model: str) -> None:
-    """Checks that need no model loaded: each spec's data source exists, its seqlen fits the model.
+def check_spec_inputs(specs: Iterable[EvalSpec], context: int | None, model: str, data: bool = True) -> None:
+    """Checks that need no model loaded: each spec's data (with ``data``) and that its seqlen fits.
 
     Options are duck-typed: an evaluator whose options have ``source`` (a data source name) or
-    ``seqlen`` (tokens per window) gets them checked; others are checked when they run.
+    ``seqlen`` (tokens per window) gets them checked, and its own ``check`` runs (lm-eval task names).
     """
     from gisp_plugin.data.loading import data_source
 
     for spec in specs:
         source = getattr(spec.options, "source", None)
-        if isinstance(source, str):
+        if data and isinstance(source, str):
             data_source(source)  # an unknown name or a missing file fails here
+        if data and spec.evaluator.check is not None:
+            spec.evaluator.check(spec.options)
         seqlen = getattr(spec.options, "seqlen", None)
         if isinstance(seqlen, int):
             check_seqlen(f"evaluation {spec.text!r}", seqlen, context, model)
@@ -88,7 +90,8 @@ def run_spec(spec: EvalSpec, model: Any, tokenizer: Any) -> EvalResult:
 def evaluate(model: Any, tokenizer: Any, specs: Iterable[str | EvalSpec]) -> dict[str, EvalResult]:
     """Run every spec on ``model``; results keyed by the spec text as written."""
     parsed = [spec if isinstance(spec, EvalSpec) else parse_eval_spec(spec) for spec in specs]
-    check_spec_inputs(parsed, context_limit(getattr(model, "config", None)), getattr(model, "name_or_path", "") or "the model")
+    name = getattr(model, "name_or_path", "") or "the model"
+    check_spec_inputs(parsed, context_limit(getattr(model, "config", None)), name, data=False)  # data: when each runs
     results = {}
     for spec in parsed:
         log.info("evaluating %s", spec.text)

@@ -131,21 +131,22 @@ class Comparison:
         self.targets = check_targets(config.sparsities, reachable=1.0)
         self.specs: list[EvalSpec] = parse_eval_specs(config.evals)
         check_device(config.device)
-        self._check_data(folder_context_limit(config.model) if Path(config.model).expanduser().is_dir() else None)
+        self._check_data(folder_context_limit(config.model) if Path(config.model).expanduser().is_dir() else None, True)
         check_results_folder(out, config)
         self.model, self.tokenizer = load_model(config.model, config.device, config.dtype)
-        self._check_data(context_limit(self.model.config))
+        self._check_data(context_limit(self.model.config), False)  # a hub model's context is known only now
         self._calibration = None
 
     def _needs_data(self, method: str) -> bool:
         return resolve_method(method, self.config.method_options.get(method, {}))[0].calibration is not None
 
-    def _check_data(self, context: int | None) -> None:
-        """Data sources exist and every sequence length fits the model (before and after loading it)."""
+    def _check_data(self, context: int | None, data: bool) -> None:
+        """Data sources exist (with ``data``) and every sequence length fits the model's ``context``."""
         if any(self._needs_data(m) for m in self.methods):
-            data_source(self.config.calibration)
+            if data:
+                data_source(self.config.calibration)
             check_seqlen("calibration", self.config.seqlen, context, self.config.model)
-        check_spec_inputs(self.specs, context, self.config.model)
+        check_spec_inputs(self.specs, context, self.config.model, data)
 
     def calibration(self):
         """Loaded on first use and shared by every method that needs data."""

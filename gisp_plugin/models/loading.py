@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from gisp_plugin.inputs import InputError, check_device
+from gisp_plugin.inputs import InputError, check_attention, check_device
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def load_model(
 
     torch_dtype = parse_dtype(dtype)
     device = check_device(device)
+    check_attention(attn_implementation)
     path = resolve_model_path(name)
     local = Path(path).exists()
     if local:

@@ -167,6 +167,8 @@ def test_nan_scores_are_refused_by_both_allocators(tiny):
         (["-o", "=3"], "option '=3' must look like name=value"),
         (["--calibration", "file:/no/such.txt", "--recover-steps", "1"], "no such file"),
         (["--sparsity", "0.2,abc"], "must be numbers like 0.2,0.3,0.5"),
+        (["--attn", "fast"], "unknown attention implementation 'fast'; choose one of eager"),
+        (["--device", "meta"], "device 'meta' cannot run a model here"),
     ],
 )
 def test_more_bad_prune_inputs_fail_before_loading(folders, tmp_path, capsys, args, message):
@@ -195,3 +197,10 @@ def test_a_folder_with_only_a_config_is_one_clear_line(folders, tmp_path, capsys
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "no-such-family"}))
     code, err = gisp(capsys, "eval", "--model", tmp_path / "bad")
     assert code != 0 and len(err.strip().splitlines()) == 1 and "error" in err
+
+
+def test_compare_with_an_empty_method_list_is_refused(folders, tmp_path, capsys):
+    _, model_dir, _ = folders
+    code, err = gisp(capsys, "compare", "--model", model_dir, "--methods", ",", "--out", tmp_path / "out")
+    assert code == 2 and "--methods names no method" in err
+    assert not (tmp_path / "out").exists()
