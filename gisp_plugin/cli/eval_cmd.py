@@ -72,8 +72,11 @@ def result_table(results: dict[str, EvalResult]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.prepare_offline_tasks:
-        folder = prepare_offline_tasks(t.strip() for t in args.prepare_offline_tasks.split(",") if t.strip())
+    if args.prepare_offline_tasks is not None:
+        tasks = [t.strip() for t in args.prepare_offline_tasks.split(",") if t.strip()]
+        if not tasks:
+            raise InputError("--prepare-offline-tasks names no task; give a comma list such as boolq,piqa")
+        folder = prepare_offline_tasks(tasks)
         print(folder)
         return 0
     specs = parse_eval_specs(args.evals or [DEFAULT_EVAL])  # bad names or options fail before loading
