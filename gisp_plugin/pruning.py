@@ -8,7 +8,9 @@ gives the dense model back untouched however the run ends.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from gisp_plugin.checkpoint.saving import PruningRecord, count_params
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
 from gisp_plugin.data.loading import load_calibration
+from gisp_plugin.finite import check_finite_tensors, check_finite_weights
+from gisp_plugin.inputs import check_int, check_seqlen, context_limit
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.methods.api import MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.methods.options import options_to_dict, parse_options
@@ -37,8 +41,12 @@ class TargetError(ValueError):
 
 def check_targets(targets: Sequence[float], reachable: float) -> tuple[float, ...]:
     """Sorted unique targets, each in (0, 1) and reachable; otherwise one clear error."""
-    if not targets:
-        raise TargetError("give at least one sparsity target, e.g. 0.2,0.3,0.5")
+    if isinstance(targets, (int, float)) and not isinstance(targets, bool):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise TargetError(f"give at least one sparsity target, e.g. [0.2, 0.3, 0.5]; got {targets!r}")
+    if any(isinstance(t, bool) or not isinstance(t, (int, float)) for t in targets):
+        raise TargetError(f"sparsity targets must be numbers such as 0.2, got {list(targets)!r}")
     for target in targets:
         if not 0.0 < target < 1.0:
             raise TargetError(f"sparsity {target} is outside (0, 1); give fractions such as 0.2,0.3,0.5")
@@ -53,6 +61,47 @@ def check_targets(targets: Sequence[float], reachable: float) -> tuple[float, ..
 def resolve_method(name: str, options: dict[str, Any] | None = None) -> tuple[MethodSpec, Any]:
     spec: MethodSpec = lookup("method", name)
     return spec, parse_options(spec.options, options or {}, method=name)
+
+
+@dataclass(frozen=True)
+class CheckedRun:
+    """A pruning request checked against the loaded model: what ``run_method`` then runs."""
+
+    spec: MethodSpec
+    options: Any
+    adapter: Any
+    anatomy: Any
+    targets: tuple[float, ...]
+
+
+def check_run(
+    model: PreTrainedModel,
+    method: str,
+    targets: Sequence[float],
+    options: dict[str, Any] | None = None,
+    calibration: CalibrationSet | CalibrationRequest | None = None,
+) -> CheckedRun:
+    """Every check a run needs the model for, done before any work: method and options, targets
+    within the method's reach, calibration that fits the model's context, finite weights.
+
+    Callers that write files (``gisp prune``) call it before claiming their folder; ``run_method``
+    calls it again, so the Python API gets the same checks.
+    """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"run_method needs a transformers model (load one with gisp_plugin.load_model), got {type(model).__name__}"
+        )
+    spec, parsed = resolve_method(method, options)
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    reachable = spec.max_sparsity(anatomy, parsed) if spec.max_sparsity else anatomy.max_sparsity()
+    checked = check_targets(targets, reachable)
+    if spec.calibration is not None:
+        data = calibration if calibration is not None else spec.default_calibration_request()
+        longest = data.seqlen if isinstance(data, CalibrationRequest) else max(len(s) for s in data.sequences)
+        check_seqlen("calibration", longest, context_limit(model.config), getattr(model, "name_or_path", "") or "the model")
+    check_finite_weights(model, f"{method} cannot prune this model")
+    return CheckedRun(spec, parsed, adapter, anatomy, checked)
 
 
 def run_method(
@@ -70,13 +119,13 @@ def run_method(
 
     The model is left dense when the iterator finishes or is closed. ``calibration`` may be a ready
     set (shared between methods) or a request; ``None`` uses the method's reference default.
-    ``trajectory`` (nested methods) is filled step by step.
+    ``trajectory`` (nested methods) is filled step by step. Every subnetwork carries ``elapsed_s``,
+    the method's own time to reach it (a resumed method counts its earlier, interrupted work too).
+    A non-finite weight, score or bias stops the run with ``NonFiniteError``.
     """
-    spec, parsed = resolve_method(method, options)
-    adapter = adapter_for(model)
-    anatomy = adapter.anatomy(model)
-    reachable = spec.max_sparsity(anatomy, parsed) if spec.max_sparsity else anatomy.max_sparsity()
-    targets = check_targets(targets, reachable)
+    check_int("seed", seed, 0)
+    run = check_run(model, method, targets, options, calibration)
+    spec, parsed, anatomy, targets = run.spec, run.options, run.anatomy, run.targets
 
     calibration_set = None
     if spec.calibration is not None:
@@ -92,7 +141,7 @@ def run_method(
     job = PruningJob(
         model=model,
         tokenizer=tokenizer,
-        adapter=adapter,
+        adapter=run.adapter,
         anatomy=anatomy,
         masked=masked,
         targets=targets,
@@ -104,12 +153,22 @@ def run_method(
     )
     try:
         expected = list(targets)
-        for subnetwork in spec.run(job):
+        working = 0.0  # seconds spent inside the method (not in the consumer between subnetworks)
+        subnetworks = spec.run(job)
+        while True:
+            started = time.perf_counter()
+            subnetwork = next(subnetworks, None)
+            working += time.perf_counter() - started
+            if subnetwork is None:
+                break
             if not expected or subnetwork.target != expected[0]:
                 raise RuntimeError(f"method {method!r} yielded target {subnetwork.target}, expected {expected[:1]}")
             expected.pop(0)
             if abs(subnetwork.sparsity - subnetwork.target) > TARGET_SLACK:
                 log.warning("%s reached sparsity %.4f for target %.4f", method, subnetwork.sparsity, subnetwork.target)
+            check_finite_tensors(subnetwork.extra_biases, f"{method} at target {subnetwork.target}: compensation bias")
+            if subnetwork.elapsed_s is None:
+                subnetwork.elapsed_s = working
             yield subnetwork
         if expected:
             raise RuntimeError(f"method {method!r} stopped before targets {expected}")

@@ -18,6 +18,7 @@ from gisp_plugin.calibration.statistics import ChannelStats
 from gisp_plugin.masking.sparsifier import dense_tensor
 
 FluctuationMetric = Literal["WIFV", "IFV", "WIFN"]
+Fluctuation = Literal["exact", "reference"]
 
 
 def input_channel_slice(kind: StructureKind) -> TensorSlice:
@@ -58,21 +59,28 @@ def wanda_channel_scores(weight: torch.Tensor, stats: ChannelStats) -> torch.Ten
     return weight.abs().mean(-2) * stats.norm.to(weight.device)
 
 
-def fluctuation_channel_scores(weight: torch.Tensor, stats: ChannelStats, metric: FluctuationMetric) -> torch.Tensor:
+def fluctuation_channel_scores(
+    weight: torch.Tensor, stats: ChannelStats, metric: FluctuationMetric, fluctuation: Fluctuation = "exact"
+) -> torch.Tensor:
     """FLAP's channel metrics: ``WIFV = var_j * ||W[:, j]||^2`` (default), ``IFV = var_j``, ``WIFN``.
 
-    ``var_j`` is the sample variance of channel ``j`` over calibration tokens. The reference keeps a
-    streaming estimate that, up to one constant per layer, is the same except that it drops the
-    first sequence's own spread; the exact value is used here (the per-layer standardisation of
-    AL-AM and the per-layer ranking of UL-UM are blind to the constant).
-    ``WIFN`` is Wanda's weighted norm: ``mean over rows of |W[:, j]| * ||X_j||``.
+    ``var_j`` is the fluctuation of channel ``j`` over calibration tokens: with ``fluctuation="exact"``
+    the sample variance; with ``"reference"`` the reference code's streaming estimate
+    (``ChannelStats.reference_fluctuation``). The two are *not* a constant per layer apart: the
+    estimate leaves out the first sequence, weighs sequence ``k`` by ``(k-1)/k`` and measures each one
+    against the running mean, so it ranks channels differently when calibration sequences are few
+    (about 7% of decisions at 8 sequences, 0.4% at 1,024) and converges to the variance with many.
+    ``WIFN`` is Wanda's weighted norm: ``mean over rows of |W[:, j]| * ||X_j||`` (no fluctuation).
     """
-    if metric == "WIFV":
-        return stats.variance.to(weight.device) * weight.square().sum(-2)
-    if metric == "IFV":
-        return stats.variance.to(weight.device).clone()
+    if fluctuation not in ("exact", "reference"):
+        raise ValueError(f"unknown FLAP fluctuation {fluctuation!r}; choose exact or reference")
     if metric == "WIFN":
         return wanda_channel_scores(weight, stats)
+    variance = stats.variance if fluctuation == "exact" else stats.reference_fluctuation
+    if metric == "WIFV":
+        return variance.to(weight.device) * weight.square().sum(-2)
+    if metric == "IFV":
+        return variance.to(weight.device).clone()
     raise ValueError(f"unknown FLAP metric {metric!r}; choose WIFV, IFV or WIFN")
 
 

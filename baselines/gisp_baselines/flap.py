@@ -28,12 +28,14 @@ calibration default (WikiText-2, 1024 x 128). Where we differ, and why:
 - The AL-AM cut counts parameters exactly as the anatomy does (method.md's sparsity, GQA key/value
   heads freed when their last query head goes) instead of the reference's fixed ``512 / 3`` channels
   per head, which is the same ratio for Llama-7B's plain multi-head attention.
-- The variance is the exact sample variance (float64, Welford-merged); see ``channels``.
+- The fluctuation is the exact sample variance (float64, Welford-merged) by default; option
+  ``fluctuation=reference`` uses the reference's streaming estimate instead, which differs in more
+  than a constant (see ``channels.fluctuation_channel_scores``).
 - ``propagate="pruned"`` (UL-UM only) calibrates layer i on the pruned and compensated layers before
   it, like Wanda-sp; not in the reference.
 
-Options: ``structure``, ``metric``, ``square_attention``, ``bias_compensation``, ``propagate``,
-``batch_size`` (default 8; results do not depend on it).
+Options: ``structure``, ``metric``, ``fluctuation`` (``exact`` or ``reference``), ``square_attention``,
+``bias_compensation``, ``propagate``, ``batch_size`` (default 8; results do not depend on it).
 Sample: ``gisp prune --method flap --sparsity 0.2,0.5 -o structure=AL-AM --calibration wikitext2``.
 """
 
@@ -70,10 +72,20 @@ class FlapOptions:
 
     structure: Literal["AL-AM", "UL-UM"] = "AL-AM"
     metric: Literal["WIFV", "IFV", "WIFN"] = "WIFV"
+    fluctuation: Literal["exact", "reference"] = "exact"
     square_attention: bool = True
     bias_compensation: bool = True
     propagate: Literal["dense", "pruned"] = "dense"
     batch_size: int = 8
+
+    def __post_init__(self) -> None:  # checked when the options are parsed, before any model is loaded
+        if self.batch_size < 1:
+            raise ValueError(f"flap option batch_size must be >= 1, got {self.batch_size}")
+        if self.propagate == "pruned" and self.structure != "UL-UM":
+            raise ValueError(
+                f"flap option propagate='pruned' needs structure='UL-UM' (got {self.structure!r}): "
+                "AL-AM decides globally, after every layer's statistics"
+            )
 
 
 @dataclass
@@ -90,7 +102,7 @@ def layer_record(job: PruningJob, layer_stats: LayerStatistics, options: FlapOpt
     metric: dict[str, torch.Tensor] = {}
     for name, kind in layer.kinds.items():
         weight = projection_weight(layer_stats.layer, kind)
-        values = fluctuation_channel_scores(weight, stats[name], options.metric)
+        values = fluctuation_channel_scores(weight, stats[name], options.metric, options.fluctuation)
         if options.square_attention and kind.block == "attention":
             values = values.square()
         metric[name] = values.cpu()
@@ -131,18 +143,11 @@ def compensation_biases(job: PruningJob, keep: KeepMask, records: dict[int, Laye
     return biases
 
 
-def _check(options: FlapOptions) -> None:
-    if options.batch_size < 1:
-        raise ValueError(f"flap option batch_size must be >= 1, got {options.batch_size}")
-    if options.propagate == "pruned" and options.structure != "UL-UM":
-        raise ValueError(
-            f"flap option propagate='pruned' needs structure='UL-UM' (got {options.structure!r}): "
-            "AL-AM decides globally, after every layer's statistics"
-        )
-
-
 def _info(options: FlapOptions, **extra) -> dict:
-    return {"structure": options.structure, "metric": options.metric, "propagate": options.propagate, **extra}
+    info = {"structure": options.structure, "metric": options.metric, "propagate": options.propagate, **extra}
+    if options.fluctuation != "exact":
+        info["fluctuation"] = options.fluctuation
+    return info
 
 
 def _run_dense(job: PruningJob, options: FlapOptions) -> Iterator[Subnetwork]:
@@ -181,7 +186,6 @@ def _run_pruned(job: PruningJob, options: FlapOptions) -> Iterator[Subnetwork]:
 
 def run(job: PruningJob) -> Iterator[Subnetwork]:
     options: FlapOptions = job.options
-    _check(options)
     if options.propagate == "pruned":
         yield from _run_pruned(job, options)
     else:

@@ -55,6 +55,11 @@ class LlmPrunerOptions:
     batch_size: int = 2
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:  # checked when the options are parsed, before any model is loaded
+        if self.batch_size < 1:
+            raise ValueError(f"llm_pruner option batch_size must be >= 1, got {self.batch_size}")
+        lookup("loss", self.loss)  # an unknown name fails here, listing the available losses
+
 
 def pruned_layers(n_layers: int, options: LlmPrunerOptions) -> list[int]:
     """The layers LLM-Pruner may prune: ``range(layer_start, layer_end)``, negative ends from the back."""
@@ -74,8 +79,6 @@ def max_sparsity(anatomy: ModelAnatomy, options: LlmPrunerOptions) -> float:
 
 def run(job: PruningJob) -> Iterator[Subnetwork]:
     options: LlmPrunerOptions = job.options
-    if options.batch_size < 1:
-        raise ValueError(f"llm_pruner option batch_size must be >= 1, got {options.batch_size}")
     if job.calibration is None:
         raise ValueError("llm_pruner needs calibration data; pass calibration= or a calibration source")
     layers = pruned_layers(len(job.anatomy.layers), options)

@@ -43,6 +43,10 @@ class WandaSpOptions:
     sequential: bool = True
     batch_size: int = 8
 
+    def __post_init__(self) -> None:  # checked when the options are parsed, before any model is loaded
+        if self.batch_size < 1:
+            raise ValueError(f"wanda_sp option batch_size must be >= 1, got {self.batch_size}")
+
 
 def layer_scores(job: PruningJob, layer_stats: LayerStatistics) -> Scores:
     """Wanda-sp unit scores of one layer: ``(layer, kind) -> float64 [units]``."""
@@ -57,8 +61,6 @@ def layer_scores(job: PruningJob, layer_stats: LayerStatistics) -> Scores:
 
 def run(job: PruningJob) -> Iterator[Subnetwork]:
     options: WandaSpOptions = job.options
-    if options.batch_size < 1:
-        raise ValueError(f"wanda_sp option batch_size must be >= 1, got {options.batch_size}")
     all_layers = list(range(len(job.anatomy.layers)))
     groups = singleton_groups(job.anatomy, all_layers)
     if not options.sequential:

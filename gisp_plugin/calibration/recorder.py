@@ -16,6 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gisp_plugin.calibration.statistics import ChannelStats, ExpertChannelStats
 from gisp_plugin.data.api import CalibrationSet
+from gisp_plugin.finite import NonFiniteError
 
 
 class InputStatsRecorder:
@@ -41,13 +42,22 @@ class InputStatsRecorder:
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
-            flat = x.reshape(-1, x.shape[-1])  # [tokens, channels]
-            real = self._real_tokens(flat)
-            if not bool(real.all()):
-                flat = flat[real]
+            sequences = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.unsqueeze(0)  # [seqs, tokens, ch]
+            mask = None
+            if self.token_mask is not None:
+                mask = self.token_mask.to(x.device)
+                if mask.numel() != sequences.shape[0] * sequences.shape[1]:
+                    raise ValueError(
+                        f"token mask of {mask.numel()} tokens does not fit an input of {sequences.shape[0] * sequences.shape[1]}"
+                    )
+                mask = mask.reshape(sequences.shape[:2])
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteError(
+                    f"the input of {name} holds inf or NaN on the calibration data; check the model's weights, or use float32"
+                )
             if name not in self.stats:
-                self.stats[name] = ChannelStats(flat.shape[1], device=flat.device)
-            self.stats[name].update(flat)
+                self.stats[name] = ChannelStats(sequences.shape[-1], device=x.device)
+            self.stats[name].update_sequences(sequences, None if mask is None or bool(mask.all()) else mask)
 
         return hook
 

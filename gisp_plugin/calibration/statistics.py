@@ -20,21 +20,52 @@ class ChannelStats:
         self.sum_squares = torch.zeros(channels, dtype=torch.float64, device=device)  # [channels]
         self._mean = torch.zeros(channels, dtype=torch.float64, device=device)  # [channels]
         self._m2 = torch.zeros(channels, dtype=torch.float64, device=device)  # sum of squared deviations
+        self.n_sequences = 0
+        self._sum_of_means = torch.zeros(channels, dtype=torch.float64, device=device)  # over sequences
+        self._reference_sum = torch.zeros(channels, dtype=torch.float64, device=device)  # see reference_fluctuation
+        self._mergeable_reference = True
 
     @property
     def channels(self) -> int:
         return self._mean.numel()
 
     def update(self, x: torch.Tensor) -> None:
-        """Add a batch of tokens ``x`` shaped ``[tokens, channels]``."""
+        """Add a batch of tokens ``x`` shaped ``[tokens, channels]`` (one sequence, for the reference estimate)."""
         if x.dim() != 2 or x.shape[1] != self.channels:
             raise ValueError(f"expected a [tokens, {self.channels}] tensor, got shape {tuple(x.shape)}")
-        n_new = x.shape[0]
-        if n_new == 0:
+        self.update_sequences(x.unsqueeze(0))
+
+    def update_sequences(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        """Add sequences ``x`` shaped ``[sequences, tokens, channels]``, in calibration order.
+
+        ``token_mask`` (bool ``[sequences, tokens]``) flags real tokens; padding is left out. Each
+        sequence's own mean and spread are computed first, then folded into the exact totals (Chan's
+        formula) and into FLAP's reference estimate, which needs the sequence boundaries.
+        """
+        if x.dim() != 3 or x.shape[2] != self.channels:
+            raise ValueError(f"expected a [sequences, tokens, {self.channels}] tensor, got shape {tuple(x.shape)}")
+        values = x.detach().to(device=self._mean.device, dtype=torch.float64, copy=True)  # [seqs, tokens, channels]
+        if token_mask is None:
+            mask = None
+            lengths = torch.full((values.shape[0],), values.shape[1], dtype=torch.float64, device=values.device)
+        else:
+            mask = token_mask.to(device=values.device, dtype=torch.bool).reshape(values.shape[:2])
+            values.mul_(mask.unsqueeze(-1))
+            lengths = mask.sum(1).double()
+            if not bool((lengths > 0).all()):  # an all-padding row adds nothing
+                values, mask, lengths = values[lengths > 0], mask[lengths > 0], lengths[lengths > 0]
+        if values.shape[0] == 0 or values.shape[1] == 0:
             return
-        centred = x.detach().to(device=self._mean.device, dtype=torch.float64, copy=True)
-        mean_new = centred.mean(0)
-        m2_new = centred.sub_(mean_new).square_().sum(0)
+        seq_mean = values.sum(1) / lengths.unsqueeze(1)  # [seqs, channels]
+        centred = values.sub_(seq_mean.unsqueeze(1))
+        if mask is not None:
+            centred.mul_(mask.unsqueeze(-1))
+        seq_m2 = centred.square_().sum(1)  # [seqs, channels]: each sequence's own squared deviations
+        del values, centred
+
+        n_new = int(lengths.sum())
+        mean_new = (seq_mean * lengths.unsqueeze(1)).sum(0) / n_new
+        m2_new = seq_m2.sum(0) + (lengths.unsqueeze(1) * (seq_mean - mean_new).square()).sum(0)
         self.sum_squares += m2_new + n_new * mean_new.square()  # sum x^2 = sum (x - m)^2 + n m^2, both >= 0
         n_old = self.n_tokens
         n = n_old + n_new
@@ -42,6 +73,15 @@ class ChannelStats:
         self._mean += delta * (n_new / n)
         self._m2 += m2_new + delta.square() * (n_old * n_new / n)
         self.n_tokens = n
+
+        # FLAP's reference: k-th sequence (1-based) adds (k-1)/k * sum_t (x_t - m_k)^2, m_k the running mean
+        # of sequence means including sequence k itself.
+        k = self.n_sequences + torch.arange(1, seq_mean.shape[0] + 1, dtype=torch.float64, device=seq_mean.device)
+        running = (self._sum_of_means + seq_mean.cumsum(0)) / k.unsqueeze(1)  # [seqs, channels]
+        spread = seq_m2 + lengths.unsqueeze(1) * (seq_mean - running).square()
+        self._reference_sum += (((k - 1) / k).unsqueeze(1) * spread).sum(0)
+        self._sum_of_means += seq_mean.sum(0)
+        self.n_sequences += seq_mean.shape[0]
 
     def merge(self, other: ChannelStats) -> None:
         """Fold another accumulator over the same channels into this one."""
@@ -56,6 +96,7 @@ class ChannelStats:
         self._mean += delta * (n_new / n)
         self._m2 += other._m2.to(self._mean.device) + delta.square() * (n_old * n_new / n)
         self.n_tokens = n
+        self._mergeable_reference = False  # the reference estimate depends on the order of every sequence
 
     @property
     def squared_norm(self) -> torch.Tensor:
@@ -77,8 +118,26 @@ class ChannelStats:
             raise ValueError(f"a sample variance needs at least 2 tokens, have {self.n_tokens}")
         return self._m2 / (self.n_tokens - 1)
 
+    @property
+    def reference_fluctuation(self) -> torch.Tensor:
+        """FLAP's streaming fluctuation estimate (``fluc_inp`` of ``BiasGPT`` in the reference), float64.
+
+        The reference adds one sequence at a time: after sequence ``k`` (``m_k`` the running mean of the
+        sequence means, sequences 1..k) it sets ``f = f * (k - 2) / (k - 1) + sum_t (x_t - m_k)^2 / k``
+        with ``f = 0`` after the first sequence (its "old" mean is the same tensor as the updated one).
+        Unrolled: ``f = sum_{k>=2} (k - 1) / k * S_k / (N - 1)`` with ``S_k = sum_t (x_t - m_k)^2``. Against
+        the exact sample variance it drops the first sequence, down-weights early ones by ``(k-1)/k``,
+        and measures each against the mean so far instead of the final mean: not a constant factor.
+        """
+        if not self._mergeable_reference:
+            raise ValueError("the reference fluctuation is defined for sequences added in order, not for merged statistics")
+        if self.n_sequences < 2:
+            raise ValueError(f"the reference fluctuation needs at least 2 sequences, have {self.n_sequences}")
+        return self._reference_sum / (self.n_sequences - 1)
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.sum_squares, self._mean, self._m2))
+        tensors = (self.sum_squares, self._mean, self._m2, self._sum_of_means, self._reference_sum)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def __repr__(self) -> str:
         return f"ChannelStats(channels={self.channels}, n_tokens={self.n_tokens})"
@@ -126,6 +185,13 @@ class ExpertChannelStats:
     def variance(self) -> torch.Tensor:
         """Sample variance per expert and channel; an expert routed fewer than 2 tokens has variance 0."""
         return self._stack(lambda s: s.variance if s.n_tokens > 1 else torch.zeros_like(s.mean))
+
+    @property
+    def reference_fluctuation(self) -> torch.Tensor:
+        raise ValueError(
+            "FLAP's reference fluctuation follows whole calibration sequences, which routed experts do not see; "
+            "use fluctuation=exact on mixture-of-experts models"
+        )
 
     @property
     def saliency(self) -> torch.Tensor:

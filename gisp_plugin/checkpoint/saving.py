@@ -21,6 +21,8 @@ from transformers import PreTrainedModel
 import gisp_plugin
 from gisp_plugin.compaction import modeling_gisp_pruned
 from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
+from gisp_plugin.inputs import check_device
+from gisp_plugin.models.loading import ModelLoadError, check_weights, parse_dtype
 
 RECORD_FILE = "pruning.json"
 RECORD_FORMAT = "gisp-pruned/2"
@@ -108,10 +110,13 @@ def is_pruned_folder(path: str | Path) -> bool:
 def load_pruned(
     path: str | Path,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Load a folder written by ``save_pruned`` with this package's modelling classes."""
+    device = check_device(device)
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
     path = Path(path)
     record = read_record(path)
     try:
@@ -126,10 +131,11 @@ def load_pruned(
             f"{str(path)!r} has config model_type {config_data.get('model_type')!r}, not a gisp-plugin pruned model "
             f"of a family this transformers knows ({err})"
         ) from err
-    weights = list(path.glob("*.safetensors"))
-    if not weights:
-        raise CheckpointError(f"{str(path)!r} has no safetensors weights")
-    kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
+    try:
+        check_weights(path)  # safetensors only, each file complete
+    except ModelLoadError as err:
+        raise CheckpointError(str(err)) from err
+    kwargs: dict[str, Any] = {"dtype": dtype or "auto", "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

@@ -6,6 +6,9 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
+from pathlib import Path
+from typing import NoReturn
 
 COMMANDS = (
     "gisp_plugin.cli.methods_cmd",
@@ -15,10 +18,15 @@ COMMANDS = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a two-line error (what was wrong, where the usage is) instead of the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gisp", description="Structured pruning of LLMs: pick methods by name, prune, evaluate, compare."
-    )
+    parser = Parser(prog="gisp", description="Structured pruning of LLMs: pick methods by name, prune, evaluate, compare.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMANDS:
@@ -27,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; every error is one line on stderr and exit status 2 (the traceback only with -v)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a malformed command line already explained by argparse
+        return exit_.code if isinstance(exit_.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
         return args.run(args) or 0
@@ -36,8 +48,32 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, LookupError, OSError) as err:  # every user-facing error type of the package derives from these
         if args.verbose:
             raise
-        print(f"gisp {args.command}: error: {err}", file=sys.stderr)
+        print(f"gisp {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gisp {args.command}: interrupted; finished results are kept", file=sys.stderr)
         return 130
+    except Exception as err:  # a failure no check foresaw: still one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"gisp {args.command}: error: {_unforeseen(err)} (run with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (some libraries' messages span several)."""
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, KeyError) and err.args:  # str(KeyError) is the quoted key alone
+        text = f"missing {err.args[0]!r}"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _unforeseen(err: BaseException) -> str:
+    """Type, message and, for a bare one (``assert`` in a library), the failing line of code."""
+    text = _one_line(err) if str(err).strip() else ""
+    frames = traceback.extract_tb(err.__traceback__)
+    if frames and not text:
+        last = frames[-1]
+        where = "/".join(Path(last.filename).parts[-3:])
+        text = f"at {where}:{last.lineno}" + (f" ({last.line.strip()})" if last.line else "")
+    return f"{type(err).__name__}: {text}"

@@ -7,6 +7,7 @@ import logging
 import time
 from pathlib import Path
 
+from gisp_plugin.cli.arguments import int_at_least
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
 from gisp_plugin.harness.report import markdown, write_outputs
 from gisp_plugin.harness.runner import run_comparison
@@ -29,19 +30,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--eval", dest="evals", action="append", help="evaluation spec (repeatable), e.g. lm_eval:tasks=boolq+piqa"
     )
     parser.add_argument("--calibration", help="calibration data source shared by all methods")
-    parser.add_argument("--n-samples", type=int)
-    parser.add_argument("--seqlen", type=int)
+    parser.add_argument("--n-samples", type=int_at_least(1))
+    parser.add_argument("--seqlen", type=int_at_least(2))
     parser.add_argument("--option", "-o", action="append", default=[], help="METHOD.name=value, e.g. gisp.steps=16")
     parser.add_argument("--device")
     parser.add_argument("--dtype")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--pad-to", type=int, help="round MLP widths of compacted models up to a multiple (64 suits GPUs)")
+    parser.add_argument("--seed", type=int_at_least(0))
+    parser.add_argument(
+        "--pad-to", type=int_at_least(1), help="round MLP widths of compacted models up to a multiple (64 suits GPUs)"
+    )
     parser.add_argument("--save-models", action="store_true", default=None, help="also save every compacted model")
     parser.add_argument("--out", type=Path, default=Path("results/compare"), help="results folder (reused on rerun)")
     parser.set_defaults(run=run)
 
 
 def build_config(args: argparse.Namespace) -> ComparisonConfig:
+    if args.methods is not None and not args.methods.replace(",", "").strip():
+        raise ConfigError("--methods names no method; leave it out to compare every registered method")
     config = ComparisonConfig.from_file(args.config) if args.config else ComparisonConfig()
     overrides = {
         key: getattr(args, key)

@@ -17,8 +17,9 @@ from gisp_plugin.checkpoint.saving import count_params, is_pruned_folder, read_r
 from gisp_plugin.cli.prune_cmd import add_model_arguments
 from gisp_plugin.evaluation.api import EvalResult
 from gisp_plugin.evaluation.offline_data import prepare_offline_tasks
-from gisp_plugin.evaluation.specs import evaluate, parse_eval_specs
-from gisp_plugin.models.loading import load_model, resolve_model_path
+from gisp_plugin.evaluation.specs import check_spec_inputs, evaluate, parse_eval_specs
+from gisp_plugin.inputs import InputError, check_attention, check_device, check_output_folder, folder_context_limit
+from gisp_plugin.models.loading import load_model, parse_dtype, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,23 @@ def result_table(results: dict[str, EvalResult]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.prepare_offline_tasks:
-        folder = prepare_offline_tasks(t.strip() for t in args.prepare_offline_tasks.split(",") if t.strip())
+    if args.prepare_offline_tasks is not None:
+        tasks = [t.strip() for t in args.prepare_offline_tasks.split(",") if t.strip()]
+        if not tasks:
+            raise InputError("--prepare-offline-tasks names no task; give a comma list such as boolq,piqa")
+        folder = prepare_offline_tasks(tasks)
         print(folder)
         return 0
     specs = parse_eval_specs(args.evals or [DEFAULT_EVAL])  # bad names or options fail before loading
+    parse_dtype(args.dtype)
+    check_device(args.device)
+    check_attention(args.attn)
+    if args.json is not None:
+        if args.json.is_dir():
+            raise InputError(f"--json {str(args.json)!r} is a folder; give a file path")
+        check_output_folder(args.json.parent, "--json folder")
+    limit = folder_context_limit(args.model) if Path(args.model).expanduser().is_dir() else None
+    check_spec_inputs(specs, limit, args.model)
     path = resolve_model_path(args.model)
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn)

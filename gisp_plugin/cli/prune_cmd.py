@@ -7,26 +7,25 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
+from gisp_plugin.checkpoint.run_folder import RunFolder, open_run_folder
 from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.checkpoint.trajectory import Trajectory
-from gisp_plugin.data.api import CalibrationRequest
-from gisp_plugin.data.loading import load_calibration
-from gisp_plugin.methods.options import parse_assignments
-from gisp_plugin.models.loading import DEFAULT_MODEL, load_model
-from gisp_plugin.pruning import check_targets, compact_subnetwork, pruning_record, resolve_method, run_method
+from gisp_plugin.cli.arguments import int_at_least, parse_sparsities
+from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
+from gisp_plugin.data.loading import data_source, load_calibration
+from gisp_plugin.inputs import check_attention, check_device, check_seqlen, context_limit, folder_context_limit
+from gisp_plugin.methods.api import MethodSpec
+from gisp_plugin.methods.options import options_to_dict, parse_assignments
+from gisp_plugin.models.loading import DEFAULT_MODEL, load_model, parse_dtype
+from gisp_plugin.pruning import check_run, check_targets, compact_subnetwork, pruning_record, resolve_method, run_method
 from gisp_plugin.recovery.lora import RecoveryOptions, RecoveryReport, recover
 
 log = logging.getLogger(__name__)
-
-
-def parse_sparsities(text: str) -> list[float]:
-    try:
-        return [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"sparsity list {text!r} must be numbers like 0.2,0.3,0.5") from err
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,13 +34,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--attn", default=None, help="attention implementation: eager, sdpa, ...")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", default=None, help="calibration data source (default: the method's own)")
-    parser.add_argument("--n-samples", type=int, default=None, help="calibration sequences")
-    parser.add_argument("--seqlen", type=int, default=None, help="tokens per calibration sequence")
+    parser.add_argument("--n-samples", type=int_at_least(1), default=None, help="calibration sequences")
+    parser.add_argument("--seqlen", type=int_at_least(2), default=None, help="tokens per calibration sequence")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,50 +52,130 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--option", "-o", action="append", default=[], help="method option name=value (repeatable)")
     add_calibration_arguments(parser)
     parser.add_argument(
-        "--pad-to", type=int, default=1, help="round MLP widths up to a multiple with inert zero channels (64 suits GPUs)"
+        "--pad-to",
+        type=int_at_least(1),
+        default=1,
+        help="round MLP widths up to a multiple with inert zero channels (64 suits GPUs)",
     )
     parser.add_argument("--trajectory-only", action="store_true", help="write only the trajectory (nested methods)")
     parser.add_argument(
-        "--recover-steps", type=int, default=0, help="LoRA recovery fine-tuning steps on each compacted model (default 0: off)"
+        "--recover-steps",
+        type=int_at_least(0),
+        default=0,
+        help="LoRA recovery fine-tuning steps on each compacted model (default 0: off)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an --out folder that holds another run (swapped in when complete)"
     )
     parser.set_defaults(run=run)
+
+
+def _given(value, default):
+    """``value`` unless it was not given (``None``); 0 and "" are values, never replaced by the default."""
+    return default if value is None else value
 
 
 def calibration_request(spec, args: argparse.Namespace) -> CalibrationRequest | None:
     """The user's calibration choice, falling back field by field on the method's reference default."""
     default = spec.default_calibration_request(args.seed)
     if default is None:
+        if any(value is not None for value in (args.calibration, args.n_samples, args.seqlen)) and not args.recover_steps:
+            log.warning("method %r uses no calibration data: --calibration, --n-samples and --seqlen are not used", spec.name)
         return None
     return CalibrationRequest(
-        source=args.calibration or default.source,
-        n_samples=args.n_samples or default.n_samples,
-        seqlen=args.seqlen or default.seqlen,
+        source=_given(args.calibration, default.source),
+        n_samples=_given(args.n_samples, default.n_samples),
+        seqlen=_given(args.seqlen, default.seqlen),
         seed=args.seed,
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def recovery_request(request: CalibrationRequest | None, args: argparse.Namespace) -> CalibrationRequest | None:
+    """The data LoRA recovery trains on: the method's calibration request, or the user's own source."""
+    if not args.recover_steps:
+        return None
+    if request is not None:
+        return request
+    if args.calibration is None:
+        raise ValueError(f"method {args.method!r} uses no data; give --calibration SOURCE for --recover-steps")
+    return CalibrationRequest(args.calibration, _given(args.n_samples, 128), _given(args.seqlen, 128), args.seed)
+
+
+def run_request(args: argparse.Namespace, parsed, targets, request: CalibrationRequest | None, recovery) -> dict:
+    """What makes two runs the same run: rerunning it into its folder resumes instead of refusing."""
+    model = str(Path(args.model).expanduser().resolve()) if Path(args.model).expanduser().exists() else args.model
+    return {
+        "model": model,
+        "method": args.method,
+        "options": options_to_dict(parsed),
+        "targets": list(targets),
+        "calibration": request.label if request else None,
+        "seed": args.seed,
+        "dtype": str(parse_dtype(args.dtype)).removeprefix("torch."),
+        "pad_to": args.pad_to,
+        "trajectory_only": args.trajectory_only,
+        "recover_steps": args.recover_steps,
+        "recovery_data": recovery.label if recovery else None,
+    }
+
+
+def check_inputs(args: argparse.Namespace) -> tuple:
+    """Every check that needs no model: method, options, targets, data, device, dtype, context, folder."""
     options = parse_assignments(args.option)
-    spec, parsed = resolve_method(args.method, options)  # fail on a bad name, option or target before loading anything
-    check_targets(args.sparsity, reachable=1.0)
+    spec, parsed = resolve_method(args.method, options)
+    targets = check_targets(args.sparsity, reachable=1.0)
     if args.trajectory_only and not spec.nested:
         raise ValueError(f"method {args.method!r} is not nested; --trajectory-only needs a nested method")
+    parse_dtype(args.dtype)
+    check_device(args.device)
+    check_attention(args.attn)
     request = calibration_request(spec, args)
-    if args.recover_steps and request is None and not args.calibration:
-        raise ValueError(f"method {args.method!r} uses no data; give --calibration SOURCE for --recover-steps")
-    model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn)
-    recovery_data = None
-    if args.recover_steps:
-        recovery_request = request or CalibrationRequest(args.calibration, args.n_samples or 128, args.seqlen or 128, args.seed)
-        recovery_data = load_calibration(recovery_request, tokenizer)
+    recovery = recovery_request(request, args)
+    limit = folder_context_limit(args.model) if Path(args.model).expanduser().is_dir() else None
+    for what, data in (("calibration", request), ("recovery", recovery)):
+        if data is not None:
+            data_source(data.source)  # an unknown name or a missing file fails here
+            check_seqlen(what, data.seqlen, limit, args.model)
+    folder = open_run_folder(args.out, run_request(args, parsed, targets, request, recovery), args.overwrite)
+    return options, spec, parsed, targets, request, recovery, folder
 
-    out: Path = args.out
+
+def run(args: argparse.Namespace) -> int:
+    options, spec, parsed, targets, request, recovery, folder = check_inputs(args)  # before loading anything
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn)
+    check_run(model, args.method, targets, options, request)  # reach of the targets, context, finite weights
+    if recovery is not None:
+        check_seqlen("recovery", recovery.seqlen, context_limit(model.config), args.model)
+    recovery_data = load_calibration(recovery, tokenizer) if recovery is not None else None
+    folder.start()
+    try:
+        summary = prune_into(args, folder, spec, parsed, model, tokenizer, targets, options, request, recovery_data)
+    except BaseException:
+        folder.abandon_if_empty()  # a run that failed before any result leaves no folder that blocks the next
+        raise
+    for line in summary:
+        print(json.dumps(line))
+    return 0
+
+
+def prune_into(
+    args: argparse.Namespace,
+    folder: RunFolder,
+    spec: MethodSpec,
+    parsed: Any,
+    model: PreTrainedModel,
+    tokenizer: Any,
+    targets: tuple[float, ...],
+    options: dict[str, str],
+    request: CalibrationRequest | None,
+    recovery_data: CalibrationSet | None,
+) -> list[dict[str, Any]]:
+    """Run the method and write every compacted model (and the trajectory) into the run folder."""
+    out: Path = folder.path
     trajectory = Trajectory()
     summary = []
     started = time.perf_counter()
-    for subnetwork in run_method(
-        model, tokenizer, args.method, args.sparsity, options, request, args.seed, out / ".work", trajectory
-    ):
+    for subnetwork in run_method(model, tokenizer, args.method, targets, options, request, args.seed, out / ".work", trajectory):
         line = {"target": subnetwork.target, "structural_sparsity": round(subnetwork.sparsity, 5)}
         if not args.trajectory_only:
             compact, params = compact_subnetwork(model, subnetwork, args.pad_to)
@@ -114,19 +193,13 @@ def run(args: argparse.Namespace) -> int:
                 request.label if request else None,
                 args.seed,
             )
-            folder = save_pruned(compact, tokenizer, out / f"{args.method}-s{subnetwork.target:.2f}", record)
-            line.update(folder=str(folder), sparsity=round(record.sparsity, 5), params=params)
+            saved = save_pruned(compact, tokenizer, out / f"{args.method}-s{subnetwork.target:.2f}", record)
+            line.update(folder=str(folder.final_path(saved)), sparsity=round(record.sparsity, 5), params=params)
             del compact
         line["elapsed_s"] = round(time.perf_counter() - started, 2)
         summary.append(line)
         log.info("target %.2f: %s", subnetwork.target, json.dumps(line))
         if spec.nested:
-            out.mkdir(parents=True, exist_ok=True)
             trajectory.save(out / "trajectory.json")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(
-        json.dumps({"model": args.model, "method": args.method, "options": options, "results": summary}, indent=1)
-    )
-    for line in summary:
-        print(json.dumps(line))
-    return 0
+    folder.finish(summary)
+    return summary

@@ -22,9 +22,14 @@ class EvalResult:
 
 @dataclass(frozen=True)
 class Evaluator:
-    """A named evaluator: ``evaluate(model, tokenizer, options) -> EvalResult``."""
+    """A named evaluator: ``evaluate(model, tokenizer, options) -> EvalResult``.
+
+    ``check(options)``, when given, raises on what can be known wrong without a model (unknown task
+    names, missing data), so a comparison fails before it loads anything.
+    """
 
     name: str
     description: str
     evaluate: Callable[[Any, Any, Any], EvalResult]
     options: type
+    check: Callable[[Any], None] | None = None

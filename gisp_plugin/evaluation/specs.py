@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gisp_plugin.evaluation.api import EvalResult, Evaluator
+from gisp_plugin.finite import check_finite_metrics, check_finite_weights
+from gisp_plugin.inputs import check_seqlen, context_limit
 from gisp_plugin.methods.options import OptionError, parse_assignments, parse_options
 from gisp_plugin.plugins.manager import lookup
 
@@ -58,11 +60,40 @@ def parse_eval_specs(texts: Iterable[str]) -> list[EvalSpec]:
     return specs
 
 
+def check_spec_inputs(specs: Iterable[EvalSpec], context: int | None, model: str, data: bool = True) -> None:
+    """Checks that need no model loaded: each spec's data (with ``data``) and that its seqlen fits.
+
+    Options are duck-typed: an evaluator whose options have ``source`` (a data source name) or
+    ``seqlen`` (tokens per window) gets them checked, and its own ``check`` runs (lm-eval task names).
+    """
+    from gisp_plugin.data.loading import data_source
+
+    for spec in specs:
+        source = getattr(spec.options, "source", None)
+        if data and isinstance(source, str):
+            data_source(source)  # an unknown name or a missing file fails here
+        if data and spec.evaluator.check is not None:
+            spec.evaluator.check(spec.options)
+        seqlen = getattr(spec.options, "seqlen", None)
+        if isinstance(seqlen, int):
+            check_seqlen(f"evaluation {spec.text!r}", seqlen, context, model)
+
+
+def run_spec(spec: EvalSpec, model: Any, tokenizer: Any) -> EvalResult:
+    """One evaluation; a model with inf/NaN weights, or an inf/NaN metric, stops with ``NonFiniteError``."""
+    check_finite_weights(model, f"cannot evaluate {spec.text}")
+    result = spec.evaluator.evaluate(model, tokenizer, spec.options)
+    check_finite_metrics(result.metrics, f"evaluation {spec.text}")
+    return result
+
+
 def evaluate(model: Any, tokenizer: Any, specs: Iterable[str | EvalSpec]) -> dict[str, EvalResult]:
     """Run every spec on ``model``; results keyed by the spec text as written."""
     parsed = [spec if isinstance(spec, EvalSpec) else parse_eval_spec(spec) for spec in specs]
+    name = getattr(model, "name_or_path", "") or "the model"
+    check_spec_inputs(parsed, context_limit(getattr(model, "config", None)), name, data=False)  # data: when each runs
     results = {}
     for spec in parsed:
         log.info("evaluating %s", spec.text)
-        results[spec.text] = spec.evaluator.evaluate(model, tokenizer, spec.options)
+        results[spec.text] = run_spec(spec, model, tokenizer)
     return results

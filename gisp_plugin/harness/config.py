@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from gisp_plugin.models.loading import DEFAULT_MODEL
+from gisp_plugin.inputs import InputError, check_fraction_list, check_int, check_name_list, check_text
+from gisp_plugin.models.loading import DEFAULT_MODEL, parse_dtype
+from gisp_plugin.pruning import check_targets
 
 DEFAULT_EVALS = (
     "perplexity:source=boolq-wiki,seqlen=128,max_windows=48",
@@ -26,7 +29,7 @@ DEFAULT_EVALS = (
 DEFAULT_METHOD_OPTIONS = {"gisp": {"steps": "4"}}
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A comparison file or flag that cannot be used."""
 
 
@@ -54,6 +57,43 @@ class ComparisonConfig:
     save_models: bool = False
     pad_to: int = 1
 
+    def __post_init__(self) -> None:
+        """Check every field's type and range (a config file may hold anything), normalising lists."""
+        self.model = check_text("model", self.model)
+        self.methods = check_name_list("methods", self.methods)  # empty: every registered method
+        if not isinstance(self.method_options, dict):
+            raise ConfigError(
+                f"method_options must map method names to options, e.g. {{gisp: {{steps: 4}}}}; got {self.method_options!r}"
+            )
+        for method, options in self.method_options.items():
+            if not isinstance(method, str) or not isinstance(options, dict):
+                raise ConfigError(
+                    f"method_options[{method!r}] must be a mapping of option names to values, e.g. {{steps: 4}}; got {options!r}"
+                )
+        if isinstance(self.sparsities, str):
+            try:
+                self.sparsities = [float(s) for s in self.sparsities.split(",") if s.strip()]
+            except ValueError:
+                raise ConfigError(f"sparsities {self.sparsities!r} must be numbers like 0.2,0.4") from None
+        self.sparsities = check_fraction_list("sparsities", self.sparsities)
+        check_targets(self.sparsities, reachable=1.0)
+        self.evals = check_name_list("evals", [self.evals] if isinstance(self.evals, str) else self.evals)
+        if not self.evals:
+            raise ConfigError("evals must name at least one evaluation, e.g. ['perplexity:source=boolq-wiki,seqlen=128']")
+        self.calibration = check_text("calibration", self.calibration)
+        check_int("n_samples", self.n_samples, 1)
+        check_int("seqlen", self.seqlen, 2)
+        check_int("seed", self.seed, 0)
+        check_int("pad_to", self.pad_to, 1)
+        self.device = check_text("device", self.device)
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"unknown device {self.device!r}; give cpu, cuda, cuda:N or mps") from None
+        parse_dtype(check_text("dtype", self.dtype))
+        if not isinstance(self.save_models, bool):
+            raise ConfigError(f"save_models must be true or false, got {self.save_models!r}")
+
     def identity(self) -> dict[str, Any]:
         return {
             "model": self.model,
@@ -73,19 +113,20 @@ class ComparisonConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ConfigError(f"unknown key {unknown[0]!r} in {source}; valid keys: {', '.join(sorted(names))}")
-        values = dict(data)
-        if isinstance(values.get("methods"), str):
-            values["methods"] = [m.strip() for m in values["methods"].split(",") if m.strip()]
-        if isinstance(values.get("sparsities"), str):
-            values["sparsities"] = [float(s) for s in values["sparsities"].split(",") if s.strip()]
-        return cls(**values)
+        try:
+            return cls(**data)
+        except ValueError as err:  # InputError, TargetError, ConfigError: say where the bad value came from
+            raise ConfigError(f"{source}: {err}") from None
 
     @classmethod
     def from_file(cls, path: Path) -> ComparisonConfig:
         """Read a YAML (``.yaml``/``.yml``), TOML (``.toml``) or JSON comparison file."""
-        if not path.exists():
+        if not path.is_file():
             raise ConfigError(f"no comparison file at {str(path)!r}")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read {str(path)!r}: {err}") from None
         try:
             if path.suffix == ".toml":
                 data = tomllib.loads(text)
@@ -96,7 +137,8 @@ class ComparisonConfig:
             else:
                 raise ConfigError(f"comparison file {str(path)!r} must end in .yaml, .yml, .toml or .json")
         except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as err:
-            raise ConfigError(f"cannot parse {str(path)!r}: {err}") from err
+            first = " ".join(str(err).split())  # YAML errors span several lines
+            raise ConfigError(f"cannot parse {str(path)!r}: {first}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{str(path)!r} must hold a mapping of settings")
         return cls.from_mapping(data, str(path))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,12 @@ from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.data.api import CalibrationRequest
-from gisp_plugin.data.loading import load_calibration
-from gisp_plugin.evaluation.specs import EvalSpec, parse_eval_specs
+from gisp_plugin.data.loading import data_source, load_calibration
+from gisp_plugin.evaluation.specs import EvalSpec, check_spec_inputs, parse_eval_specs, run_spec
 from gisp_plugin.harness.cache import ResultCache
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
 from gisp_plugin.harness.memory import PeakMemory
+from gisp_plugin.inputs import check_device, check_output_folder, check_seqlen, context_limit, folder_context_limit
 from gisp_plugin.methods.api import Subnetwork
 from gisp_plugin.methods.options import options_to_dict
 from gisp_plugin.models.loading import load_model
@@ -68,9 +68,16 @@ class ComparisonResult:
 
 
 def check_results_folder(out: Path, config: ComparisonConfig) -> None:
-    """Refuse a folder whose earlier results used another model, dtype, seed or calibration."""
+    """Refuse a folder whose earlier results used another model, dtype, seed or calibration, or that
+    holds files of something else. A settings file without any cached result (a run that failed
+    before finishing anything) blocks nothing: it is replaced."""
+    check_output_folder(out, "--out folder")
     settings = out / SETTINGS_FILE
     if not settings.exists():
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(f"--out folder {str(out)!r} is not empty and holds no comparison; choose a new or empty folder")
+        return
+    if not ResultCache(out / "cache").has_entries():
         return
     try:
         earlier = json.loads(settings.read_text())["identity"]
@@ -91,6 +98,9 @@ def resolve_methods(config: ComparisonConfig) -> dict[str, Any]:
     unknown = sorted(set(config.method_options) - set(available))
     if unknown:
         raise ConfigError(f"options given for unknown method {unknown[0]!r}; available: {', '.join(available)}")
+    for name, options in config.method_options.items():  # options of a method not run now are still checked
+        if name not in names:
+            resolve_method(name, options)
     return {name: resolve_method(name, config.method_options.get(name, {}))[1] for name in names}
 
 
@@ -120,9 +130,23 @@ class Comparison:
         self.methods = resolve_methods(config)
         self.targets = check_targets(config.sparsities, reachable=1.0)
         self.specs: list[EvalSpec] = parse_eval_specs(config.evals)
+        check_device(config.device)
+        self._check_data(folder_context_limit(config.model) if Path(config.model).expanduser().is_dir() else None, True)
         check_results_folder(out, config)
         self.model, self.tokenizer = load_model(config.model, config.device, config.dtype)
+        self._check_data(context_limit(self.model.config), False)  # a hub model's context is known only now
         self._calibration = None
+
+    def _needs_data(self, method: str) -> bool:
+        return resolve_method(method, self.config.method_options.get(method, {}))[0].calibration is not None
+
+    def _check_data(self, context: int | None, data: bool) -> None:
+        """Data sources exist (with ``data``) and every sequence length fits the model's ``context``."""
+        if any(self._needs_data(m) for m in self.methods):
+            if data:
+                data_source(self.config.calibration)
+            check_seqlen("calibration", self.config.seqlen, context, self.config.model)
+        check_spec_inputs(self.specs, context, self.config.model, data)
 
     def calibration(self):
         """Loaded on first use and shared by every method that needs data."""
@@ -144,7 +168,7 @@ class Comparison:
             eval_key = {**key, "eval": spec.text}
             entry = self.cache.get("eval", eval_key)
             if entry is None:
-                result = spec.evaluator.evaluate(model, self.tokenizer, spec.options)
+                result = run_spec(spec, model, self.tokenizer)
                 entry = {"metrics": result.metrics, "details": result.details}
                 self.cache.put("eval", eval_key, entry)
             metrics.update(entry["metrics"])
@@ -154,16 +178,16 @@ class Comparison:
     def prune(self, method: str) -> tuple[list[Subnetwork], MethodCost]:
         key = self.prune_key(method)
         entry = self.cache.get("prune", key)
-        if entry is not None:
+        biases = self.cache.get_tensors("prune", key) if entry is not None else None
+        if entry is not None and biases is not None:  # a damaged tensors file is dropped: prune again
             anatomy = adapter_for(self.model).anatomy(self.model)
-            subnetworks = _subnetworks_from_json(entry["subnetworks"], anatomy, self.cache.get_tensors("prune", key))
+            subnetworks = _subnetworks_from_json(entry["subnetworks"], anatomy, biases)
             cost = MethodCost(method, entry["prune_time_s"], entry["time_per_subnetwork_s"], entry["peak_memory_bytes"], True)
             return subnetworks, cost
         spec, _ = resolve_method(method, self.config.method_options.get(method, {}))
         calibration = self.calibration() if spec.calibration is not None else None
         subnetworks, times = [], []
         with PeakMemory(self.model) as memory:
-            started = time.perf_counter()
             for subnetwork in run_method(
                 self.model,
                 self.tokenizer,
@@ -175,7 +199,7 @@ class Comparison:
                 work_dir=self.out / "work" / method,
             ):
                 subnetworks.append(subnetwork)
-                times.append(time.perf_counter() - started)
+                times.append(subnetwork.elapsed_s)  # the method's own time, with steps finished before a resume
         elapsed = times[-1]
         cost = MethodCost(method, elapsed, elapsed / len(subnetworks), memory.peak_bytes, False)
         biases = {f"{i}:{path}": b for i, s in enumerate(subnetworks) for path, b in s.extra_biases.items()}
@@ -193,6 +217,8 @@ class Comparison:
         return subnetworks, cost
 
     def run(self) -> ComparisonResult:
+        if any(self.cache.get("prune", self.prune_key(m)) is None and self._needs_data(m) for m in self.methods):
+            self.calibration()  # data too short or unavailable fails here, before the folder is written to
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / SETTINGS_FILE).write_text(
             json.dumps({"identity": self.config.identity(), "config": self.config.to_json()}, indent=1)
@@ -227,6 +253,10 @@ class Comparison:
         return ComparisonResult(self.config, rows, costs, eval_settings)
 
 
-def run_comparison(config: ComparisonConfig, out: Path) -> ComparisonResult:
-    """Check everything, then run (or resume) the comparison into ``out``."""
-    return Comparison(config, out).run()
+def run_comparison(config: ComparisonConfig | dict[str, Any], out: str | Path) -> ComparisonResult:
+    """Check everything, then run (or resume) the comparison into ``out`` (a config or its mapping)."""
+    if isinstance(config, dict):
+        config = ComparisonConfig.from_mapping(config, "the comparison mapping")
+    if not isinstance(config, ComparisonConfig):
+        raise ConfigError(f"run_comparison needs a ComparisonConfig or a mapping, got {type(config).__name__}")
+    return Comparison(config, Path(out)).run()

@@ -1,6 +1,7 @@
 """Turning structure scores into one global ranking (the same ratio in every layer: ``uniform.py``).
 
-Scores are a dict ``(layer, kind) -> float tensor [units]``; a unit scored ``+inf`` is never pruned.
+Scores are a dict ``(layer, kind) -> float tensor [units]``; a unit scored ``+inf`` is never pruned, and
+a NaN or ``-inf`` score stops the run (``NonFiniteError``): no method's decision rests on one.
 Both allocators count parameters exactly as the anatomy does, including key/value heads that go
 when the last query head reading them goes, so targets mean the paper's parameter sparsity.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+from gisp_plugin.finite import check_scores
 
 Scores = dict[tuple[int, str], torch.Tensor]
 
@@ -45,6 +47,7 @@ def prune_lowest_globally(anatomy: ModelAnatomy, scores: Scores, target: float, 
     score per group (a whole expert, a key/value group) and a group's units go all at once.
     Ties are broken by position (layer, kind, index), so the decision is deterministic.
     """
+    check_scores(scores)
     groups = groups or {}
     keys = sorted(scores)
     entry_of_unit: list[torch.Tensor] = []  # per key: the ranked entry (flat numbering) each unit belongs to

@@ -45,13 +45,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from gisp_plugin.anatomy.structures import ModelAnatomy
 from gisp_plugin.data.api import CalibrationBatch, CalibrationSet
+from gisp_plugin.finite import NonFiniteError
 from gisp_plugin.masking.sparsifier import dense_tensor
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(FloatingPointError, ValueError):
-    """The calibration loss or a gradient became inf or NaN; the scores would be meaningless."""
 
 
 class Objective(Protocol):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+from gisp_plugin.finite import check_scores
 from gisp_plugin.importance.allocation import UnreachableTargetError
 
 Groups = dict[tuple[int, str], tuple[tuple[int, ...], ...]]
@@ -35,7 +36,8 @@ def keep_groups(anatomy: ModelAnatomy, groups: Groups, order: dict[tuple[int, st
 
 
 def lowest_first(scores: GroupScores) -> dict[tuple[int, str], torch.Tensor]:
-    """Group indices from lowest to highest score (ties by index)."""
+    """Group indices from lowest to highest score (ties by index); NaN or -inf scores are refused."""
+    check_scores(scores)
     return {key: torch.sort(value.double().cpu(), stable=True).indices for key, value in scores.items()}
 
 

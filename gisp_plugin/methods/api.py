@@ -40,13 +40,18 @@ class CalibrationDefaults:
 
 @dataclass
 class Subnetwork:
-    """One pruned model: which structures remain, and what the method added (FLAP's biases)."""
+    """One pruned model: which structures remain, and what the method added (FLAP's biases).
+
+    ``elapsed_s`` is the method's own time to reach it; a resumable method sets it to include the
+    steps finished before an interruption, otherwise the pruning loop measures it.
+    """
 
     target: float
     keep: KeepMask
     sparsity: float
     extra_biases: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float | None = None
 
 
 @dataclass

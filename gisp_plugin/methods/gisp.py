@@ -25,7 +25,8 @@ closest to each target.
 Every cut is recorded in ``job.trajectory``. With a ``work_dir``, the state after every finished step
 is written atomically to ``gisp-state.json``; a rerun with the same model, options, calibration data,
 targets and seed resumes from the last finished step and gives identical results. A state from a
-different run is ignored (with a warning) and overwritten.
+different run is ignored (with a warning) and overwritten. Every step records ``elapsed_s``, the GISP
+time up to it across interruptions, so a resumed run reports its whole pruning time.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ from tqdm.auto import tqdm
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationSet
+from gisp_plugin.finite import NonFiniteError
 from gisp_plugin.importance.allocation import Groups, Scores, prune_lowest_globally
-from gisp_plugin.importance.gradients import GradientSums, NonFiniteError, accumulate_gradients, weight_paths, weight_tensor
+from gisp_plugin.importance.gradients import GradientSums, accumulate_gradients, weight_paths, weight_tensor
 from gisp_plugin.importance.structure_scores import model_scores
 from gisp_plugin.methods.api import CalibrationDefaults, MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.methods.options import options_to_dict
@@ -378,13 +380,14 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
         job.trajectory.record(keep, done.steps[index]["sparsity"], **info)
         if cuts[index].target is not None:
             job.masked.apply(keep)
-            yield job.subnetwork(cuts[index].target, keep, info=_subnetwork_info(info, options))
+            yield job.subnetwork(cuts[index].target, keep, info=_subnetwork_info(info, options), elapsed_s=info.get("elapsed_s"))
 
     pending = sorted({cut.step for cut in cuts[finished:]})
     bar = tqdm(total=options.steps, initial=options.steps - len(pending), desc="GISP", unit="step")
     try:
         for step in pending:
             started = time.perf_counter()
+            before = job.trajectory.steps[-1].get("elapsed_s", 0.0) if job.trajectory.steps else 0.0  # earlier runs too
             job.masked.apply(keep)
             torch.manual_seed(job.seed + step)
             sparsity = anatomy.sparsity(keep)
@@ -406,6 +409,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
                     "loss": sums.loss,
                     "step_time_s": time.perf_counter() - started,
                 }
+                info["elapsed_s"] = before + info["step_time_s"]
                 job.trajectory.record(keep, anatomy.sparsity(keep), **info)
                 if cut.target is not None:
                     reached.append((cut.target, keep, info))
@@ -415,7 +419,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
             log.debug("gisp step %d/%d: loss %.4f at sparsity %.4f", step + 1, options.steps, sums.loss, sparsity)
             for target, reached_keep, info in reached:
                 job.masked.apply(reached_keep)
-                yield job.subnetwork(target, reached_keep, info=_subnetwork_info(info, options))
+                yield job.subnetwork(target, reached_keep, info=_subnetwork_info(info, options), elapsed_s=info["elapsed_s"])
     finally:
         bar.close()
 

@@ -12,9 +12,20 @@ class OptionError(ValueError):
     """An option name or value a method does not accept."""
 
 
+def _as_text(name: str, kind: Any, value: Any) -> str:
+    """A typed value from a config file or the Python API, as the text a user would have typed."""
+    if value is None:
+        return "none"
+    if isinstance(value, (bool, int, float)):
+        return str(value)
+    if isinstance(value, (list, tuple)) and (typing.get_origin(kind) in (tuple, list) or kind is str):
+        return ",".join(str(v) for v in value)  # lists, and list-like text options such as protect: [0, 1, 2, 29]
+    raise OptionError(f"option {name}={value!r} must be a single value, not a {type(value).__name__}")
+
+
 def _coerce(name: str, kind: Any, value: Any) -> Any:
     if not isinstance(value, str):
-        return value
+        value = _as_text(name, kind, value)
     origin = typing.get_origin(kind)
     args = typing.get_args(kind)
     if origin is typing.Literal:
@@ -42,7 +53,13 @@ def _coerce(name: str, kind: Any, value: Any) -> Any:
 
 
 def parse_options(options_cls: type, values: dict[str, Any], method: str = "method") -> Any:
-    """Build the options dataclass, converting strings by field type; unknown names are an error."""
+    """Build the options dataclass, converting values by field type; unknown names are an error.
+
+    Values are strings (``--option steps=16``) or plain scalars and lists (a config file, the Python
+    API); anything else names the option and the type it needs.
+    """
+    if not isinstance(values, dict):
+        raise OptionError(f"options for {method} must be a mapping of name: value, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(options_cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from gisp_plugin.inputs import InputError, check_attention, check_device
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +47,49 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
+def check_weights(folder: str | Path) -> list[Path]:
+    """The safetensors files of a local model folder, each with a readable, complete header.
+
+    Weights are only ever read from safetensors (never pickle); a folder holding only
+    ``pytorch_model.bin`` or a truncated file is refused with the file named, before transformers
+    touches it.
+    """
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f" (found {', '.join(others)}: pickle files, which gisp never loads)" if others else ""
+        raise ModelLoadError(
+            f"model folder {str(folder)!r} has no .safetensors weights{found}; "
+            "re-save it with model.save_pretrained(folder) (safetensors is the default)"
+        )
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ModelLoadError(
+                f"weights file {str(file)!r} is damaged or truncated ({err}); re-download or re-save it"
+            ) from None
+    return files
+
+
 def smollm2_folder() -> Path:
-    """A plain HF folder (safetensors + tokenizer) of SmolLM2-135M-Instruct, converted from GGUF once."""
+    """A plain HF folder (safetensors + tokenizer) of SmolLM2-135M-Instruct, converted from GGUF once.
+
+    A damaged cached copy (a truncated ``model.safetensors``) is named in a warning and converted again.
+    """
     target = cache_dir() / "models" / DEFAULT_MODEL
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
+        try:
+            check_weights(target)
+            return target
+        except ModelLoadError as err:
+            log.warning("dropping the damaged cached model: %s", err)
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never imported: it pulls in the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -104,26 +141,49 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, Any]:
-    """Model and tokenizer for a name: ``smollm2-135m``, a local (dense or pruned) folder, or a hub id."""
+    """Model and tokenizer for a name: ``smollm2-135m``, a local (dense or pruned) folder, or a hub id.
+
+    Weights come from safetensors only (``use_safetensors=True``); a local folder's files are checked
+    before loading, so a damaged file is named instead of failing deep inside transformers.
+    """
     from gisp_plugin.checkpoint.saving import is_pruned_folder, load_pruned
 
-    path = resolve_model_path(name)
     torch_dtype = parse_dtype(dtype)
+    device = check_device(device)
+    check_attention(attn_implementation)
+    path = resolve_model_path(name)
+    local = Path(path).exists()
+    if local:
+        check_weights(path)
     if is_pruned_folder(path):
         model = load_pruned(path, device=device, dtype=torch_dtype, attn_implementation=attn_implementation)
-        return model, AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # no y/N prompt for auto_map
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+        return model, _tokenizer(path)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = _tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        if Path(path).exists():
-            raise ModelLoadError(f"could not load the model folder {path!r}: {err}") from err
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # transformers raises all of these for a bad folder
+        if local:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(f"could not load the model folder {path!r}: {first}") from err
         raise ModelLoadError(
             f"could not load {name!r} from the Hugging Face Hub ({str(err).splitlines()[0]}). "
             "Without network access, download it elsewhere and pass its local folder, "
             f"or use the built-in {DEFAULT_MODEL!r}. Set HF_HUB_OFFLINE=1 to fail fast."
         ) from err
     return model.to(device).eval(), tokenizer
+
+
+def _tokenizer(path: str) -> Any:
+    """The folder's tokenizer; ``trust_remote_code=False`` so a pruned folder's ``auto_map`` asks nothing."""
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        if not Path(path).exists():
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"could not load the tokenizer in {path!r}: {first}") from err

@@ -288,11 +288,17 @@ def test_state_of_another_run_is_ignored(tmp_path, caplog):
 
 def test_non_finite_gradients_stop_the_run_and_leave_the_model_dense():
     model = tiny_model("llama")
-    with torch.no_grad():
-        model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("inf")
+    with torch.no_grad():  # finite weights whose activations overflow: the loss is what turns inf
+        model.model.layers[1].input_layernorm.weight.fill_(3e38)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(NonFiniteError, match="gisp step 1/2 at sparsity 0.0000: calibration loss is not finite"):
         list(run_method(model, None, "gisp", [0.2], {"steps": "2"}, calibration_set()))
+    with torch.no_grad():  # an inf weight is refused by the pruning loop before any step
+        model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="weight model.layers.1.self_attn.v_proj.weight holds inf or NaN"):
+        list(run_method(model, None, "gisp", [0.2], {"steps": "2"}, calibration_set()))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[0, 0] = before["model.layers.1.self_attn.v_proj.weight"][0, 0]
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)

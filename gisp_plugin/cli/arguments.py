@@ -1,0 +1,30 @@
+"""argparse value types shared by the commands: each refuses a bad value with the value named."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for whole numbers >= ``minimum`` (so 0 is never mistaken for "not given")."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum of {minimum}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """``"0.2,0.3,0.5"`` -> ``[0.2, 0.3, 0.5]`` (the range is checked with the method's reach)."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"sparsity list {text!r} must be numbers like 0.2,0.3,0.5") from err

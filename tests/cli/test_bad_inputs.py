@@ -1,0 +1,206 @@
+"""Bad inputs and damaged files through the real `gisp` entry: one clear line each, nothing left behind.
+
+Each test here stood for a finding of issue 11 and failed before its fix: zero values replaced by
+defaults, contexts longer than the model, damaged or pickle-only weights, NaN weights pruned and
+evaluated without a word, unwritable output.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from gisp_plugin.cli import main
+from gisp_plugin.data.api import CalibrationRequest
+from gisp_plugin.finite import NonFiniteError
+from gisp_plugin.importance.allocation import prune_lowest_globally
+from gisp_plugin.importance.uniform import keep_lowest
+from gisp_plugin.inputs import InputError
+from gisp_plugin.pruning import run_method
+from tests.tiny import tiny_folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("bad-inputs")
+    model_dir, text = tiny_folder(root, "llama", tokenizer)  # max_position_embeddings 128
+    return root, model_dir, text
+
+
+def gisp(capsys, *args) -> tuple[int, str]:
+    """Exit code and stderr of one command; never a traceback, every error on its own single line."""
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def copy_with(folder, dest, change):
+    """A copy of a model folder whose weights are changed by ``change(model)`` and saved again."""
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        change(model)
+    model.save_pretrained(dest)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folder / name, dest / name)
+    return dest
+
+
+@pytest.mark.parametrize("flag", ["--n-samples", "--seqlen"])
+def test_zero_is_refused_not_replaced_by_the_default(folders, tmp_path, capsys, flag):
+    _, model_dir, text = folders
+    out = tmp_path / "out"
+    code, err = gisp(capsys, "prune", "--model", model_dir, "--method", "wanda_sp", "--sparsity", "0.2", "--out", out,
+                     "--calibration", f"file:{text}", flag, "0")  # fmt: skip
+    assert code == 2
+    assert f"argument {flag}: 0 is below the minimum" in err
+    assert not out.exists()
+
+
+def test_calibration_falls_back_only_on_flags_not_given():
+    import argparse
+
+    from gisp_plugin.cli.prune_cmd import calibration_request
+    from gisp_plugin.plugins.manager import lookup
+
+    spec = lookup("method", "wanda_sp")
+    args = argparse.Namespace(seed=0, calibration=None, n_samples=None, seqlen=7, recover_steps=0)
+    request = calibration_request(spec, args)
+    assert (request.source, request.n_samples, request.seqlen) == ("c4", 128, 7)
+
+
+def test_seqlen_beyond_the_model_is_refused_before_loading(folders, tmp_path, capsys):
+    _, model_dir, text = folders
+    out = tmp_path / "out"
+    code, err = gisp(capsys, "prune", "--model", model_dir, "--method", "wanda_sp", "--sparsity", "0.2", "--out", out,
+                     "--calibration", f"file:{text}", "--n-samples", "2", "--seqlen", "129")  # fmt: skip
+    assert code == 2 and "calibration seqlen=129 is longer than model" in err and "max_position_embeddings=128" in err
+    assert not out.exists()
+    code, err = gisp(capsys, "eval", "--model", model_dir, "--eval", f"perplexity:source=file:{text},seqlen=200")
+    assert code == 2 and "seqlen=200 is longer than model" in err
+
+
+def test_seqlen_beyond_the_model_is_refused_by_the_python_api(folders):
+    _, model_dir, text = folders
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with pytest.raises(InputError, match="seqlen=129 is longer than model"):
+        next(run_method(model, None, "wanda_sp", [0.2], calibration=CalibrationRequest(f"file:{text}", 2, 129)))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_damaged_safetensors_is_named(folders, tmp_path, capsys, damage):
+    _, model_dir, text = folders
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(
+        data[: len(data) * 9 // 10] if damage == "truncated" else torch.randint(0, 256, (5000,)).byte().numpy().tobytes()
+    )
+    code, err = gisp(capsys, "eval", "--model", broken, "--eval", f"perplexity:source=file:{text},seqlen=16")
+    assert code == 2
+    assert f"weights file '{weights}' is damaged or truncated" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_pickle_only_folder_is_refused(folders, tmp_path, capsys):
+    _, model_dir, text = folders
+    pickled = tmp_path / "pickled"
+    shutil.copytree(model_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    code, err = gisp(capsys, "eval", "--model", pickled, "--eval", f"perplexity:source=file:{text},seqlen=16")
+    assert code == 2
+    assert "has no .safetensors weights (found pytorch_model.bin" in err and "never loads" in err
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda_sp"])
+def test_nan_weights_stop_pruning_and_write_nothing(folders, tmp_path, capsys, method):
+    root, model_dir, text = folders
+    nan_dir = tmp_path / "nan"
+    copy_with(model_dir, nan_dir, lambda m: m.model.layers[1].mlp.down_proj.weight.__setitem__((0, 0), float("nan")))
+    out = tmp_path / "out"
+    code, err = gisp(capsys, "prune", "--model", nan_dir, "--method", method, "--sparsity", "0.2", "--out", out,
+                     "--calibration", f"file:{text}", "--n-samples", "2", "--seqlen", "16")  # fmt: skip
+    assert code == 2
+    assert "weight model.layers.1.mlp.down_proj.weight holds inf or NaN" in err
+    assert not out.exists()
+
+
+def test_non_finite_outputs_stop_evaluation(folders, tmp_path, capsys):
+    _, model_dir, text = folders
+    nan_dir = copy_with(
+        model_dir, tmp_path / "nan", lambda m: m.model.layers[0].mlp.down_proj.weight.__setitem__((0, 0), float("inf"))
+    )
+    code, err = gisp(capsys, "eval", "--model", nan_dir, "--eval", f"perplexity:source=file:{text},seqlen=16")
+    assert code == 2 and "holds inf or NaN" in err
+    # finite weights whose activations overflow: the metric itself is refused
+    huge = copy_with(model_dir, tmp_path / "huge", lambda m: m.model.norm.weight.fill_(3e38))
+    code, err = gisp(capsys, "eval", "--model", huge, "--eval", f"perplexity:source=file:{text},seqlen=16,max_windows=2")
+    assert code == 2 and "ppl[" in err and "= nan" in err and "not finite" in err
+
+
+def test_nan_scores_are_refused_by_both_allocators(tiny):
+    from gisp_plugin.adapters.api import adapter_for
+
+    anatomy = adapter_for(tiny).anatomy(tiny)
+    scores = {(layer.index, name): torch.rand(kind.count) for layer in anatomy.layers for name, kind in layer.kinds.items()}
+    key = next(iter(scores))
+    scores[key][0] = float("nan")
+    with pytest.raises(NonFiniteError, match=f"scores of {key[1]} units in layer {key[0]}"):
+        prune_lowest_globally(anatomy, scores, 0.2)
+    with pytest.raises(NonFiniteError, match="NaN or -inf"):
+        keep_lowest(anatomy, scores, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--device", "gpu7"], "unknown device 'gpu7'"),
+        (["--dtype", "int8"], "unknown dtype 'int8'"),
+        (["--pad-to", "0"], "argument --pad-to: 0 is below the minimum of 1"),
+        (["--recover-steps", "-1"], "argument --recover-steps: -1 is below the minimum of 0"),
+        (["--seed", "x"], "argument --seed: 'x' is not a whole number"),
+        (["-o", "=3"], "option '=3' must look like name=value"),
+        (["--calibration", "file:/no/such.txt", "--recover-steps", "1"], "no such file"),
+        (["--sparsity", "0.2,abc"], "must be numbers like 0.2,0.3,0.5"),
+        (["--attn", "fast"], "unknown attention implementation 'fast'; choose one of eager"),
+        (["--device", "meta"], "device 'meta' cannot run a model here"),
+    ],
+)
+def test_more_bad_prune_inputs_fail_before_loading(folders, tmp_path, capsys, args, message):
+    _, model_dir, _ = folders
+    out = tmp_path / "out"
+    base = ["prune", "--model", model_dir, "--method", "magnitude", "--out", out]
+    code, err = gisp(capsys, *base, *(["--sparsity", "0.2"] if "--sparsity" not in args else []), *args)
+    assert code == 2 and message in err
+    assert len([line for line in err.splitlines() if line.strip()]) <= 2
+    assert not out.exists()
+
+
+def test_unwritable_output_is_refused_before_loading(folders, tmp_path, capsys):
+    _, model_dir, _ = folders
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    code, err = gisp(capsys, "prune", "--model", model_dir, "--method", "magnitude", "--sparsity", "0.2", "--out", a_file / "out")
+    assert code == 2 and "cannot be written" in err and "is not a folder" in err
+    code, err = gisp(capsys, "eval", "--model", model_dir, "--json", tmp_path)
+    assert code == 2 and "is a folder; give a file path" in err
+
+
+def test_a_folder_with_only_a_config_is_one_clear_line(folders, tmp_path, capsys):
+    _, model_dir, _ = folders
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "no-such-family"}))
+    code, err = gisp(capsys, "eval", "--model", tmp_path / "bad")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "error" in err
+
+
+def test_compare_with_an_empty_method_list_is_refused(folders, tmp_path, capsys):
+    _, model_dir, _ = folders
+    code, err = gisp(capsys, "compare", "--model", model_dir, "--methods", ",", "--out", tmp_path / "out")
+    assert code == 2 and "--methods names no method" in err
+    assert not (tmp_path / "out").exists()
