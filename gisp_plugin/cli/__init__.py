@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from gisp_plugin.cli.console import configure_logging
+
 COMMANDS = (
     "gisp_plugin.cli.methods_cmd",
     "gisp_plugin.cli.prune_cmd",
@@ -19,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gisp", description="Structured pruning of LLMs: pick methods by name, prune, evaluate, compare."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages, and show the logs and progress bars of lm-eval etc."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMANDS:
         importlib.import_module(module_name).add_parser(sub)
@@ -28,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    configure_logging(args.verbose, getattr(args, "own_log_level", logging.INFO))
     try:
         return args.run(args) or 0
     except BrokenPipeError:  # output piped into `head` and the like
