@@ -101,7 +101,11 @@ def without_tasks(row: Row, drop: frozenset[str], label: str | None = None) -> R
     ]
     if drop and "mean_acc" in metrics and used:
         metrics["mean_acc"] = sum(used) / len(used)
-    return Row(label or row.method, row.target, row.sparsity, metrics, details)
+        metrics.pop("mean_acc_stderr", None)  # the harness's value covers the dropped tasks too
+    out = Row(label or row.method, row.target, row.sparsity, metrics, details)
+    if drop and "mean_acc" in metrics and used and (se := mean_acc_stderr(out)) is not None:
+        metrics["mean_acc_stderr"] = se
+    return out
 
 
 def run_variant(

@@ -10,6 +10,8 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
+from gisp_plugin.cli.console import configure_logging
+
 COMMANDS = (
     "gisp_plugin.cli.methods_cmd",
     "gisp_plugin.cli.prune_cmd",
@@ -27,7 +29,9 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gisp", description="Structured pruning of LLMs: pick methods by name, prune, evaluate, compare.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages, and show the logs and progress bars of lm-eval etc."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module_name in COMMANDS:
         importlib.import_module(module_name).add_parser(sub)
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a malformed command line already explained by argparse
         return exit_.code if isinstance(exit_.code, int) else 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    configure_logging(args.verbose, getattr(args, "own_log_level", logging.INFO))
     try:
         return args.run(args) or 0
     except BrokenPipeError:  # output piped into `head` and the like

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
 from gisp_plugin.cli.arguments import int_at_least
+from gisp_plugin.cli.console import quiet_libraries
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
+from gisp_plugin.harness.progress import ComparisonProgress
 from gisp_plugin.harness.report import markdown, write_outputs
 from gisp_plugin.harness.runner import run_comparison
 from gisp_plugin.methods.options import parse_assignments
@@ -41,7 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--save-models", action="store_true", default=None, help="also save every compacted model")
     parser.add_argument("--out", type=Path, default=Path("results/compare"), help="results folder (reused on rerun)")
-    parser.set_defaults(run=run)
+    parser.add_argument(  # also after the subcommand; SUPPRESS keeps `gisp -v compare` working
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show every log line and progress bar"
+    )
+    parser.set_defaults(run=run, own_log_level=logging.WARNING)  # the progress display says what runs
 
 
 def build_config(args: argparse.Namespace) -> ComparisonConfig:
@@ -77,10 +83,13 @@ def build_config(args: argparse.Namespace) -> ComparisonConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One progress bar and one line per finished row on stderr (everything with -v), the table on stdout."""
     config = build_config(args)
     started = time.perf_counter()
-    result = run_comparison(config, args.out)
-    paths = write_outputs(result, args.out)
+    progress = ComparisonProgress(bar=True, file=sys.stderr)
+    with quiet_libraries(enabled=not getattr(args, "verbose", False)):
+        result = run_comparison(config, args.out, progress)
+        paths = write_outputs(result, args.out)
     print(markdown(result))
     print(f"results in {args.out} ({', '.join(p.name for p in paths.values())}); {time.perf_counter() - started:.0f} s")
     return 0

@@ -9,12 +9,14 @@ restricted to the evaluation part of each validation file.
 Reported per task: ``acc[task]``, ``acc_norm[task]`` and their ``*_stderr`` where the task defines
 them; for GSM8K ``exact_match_strict[gsm8k]`` and ``exact_match_flexible[gsm8k]``. ``mean_acc`` averages
 the multiple-choice tasks, taking acc_norm where a task reports it and acc otherwise (the rule the
-pruning papers' tables follow); generation tasks (GSM8K) are not part of it.
+pruning papers' tables follow); generation tasks (GSM8K) are not part of it. ``mean_acc_stderr`` is its
+standard error, the tasks' standard errors combined as independent: sqrt(sum se^2) / tasks.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -82,12 +84,21 @@ def _env_flag(name: str) -> bool:
 
 
 def hub_reachable(timeout_s: float = 2.0) -> bool:
-    """Whether the Hugging Face Hub can be used: not switched off by env, and its host answers."""
+    """Whether the Hugging Face Hub can be used: not switched off by env, and its host answers.
+
+    The host is asked once per process: a comparison evaluates a dozen models, and a network that drops
+    packets would cost the whole timeout each time.
+    """
     if _env_flag("HF_HUB_OFFLINE") or _env_flag("HF_DATASETS_OFFLINE"):
         return False
     from huggingface_hub import constants
 
-    url = urlparse(constants.ENDPOINT)
+    return _host_answers(constants.ENDPOINT, timeout_s)
+
+
+@lru_cache(maxsize=8)
+def _host_answers(endpoint: str, timeout_s: float) -> bool:
+    url = urlparse(endpoint)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout_s).close()
     except OSError:
@@ -155,6 +166,7 @@ def summarize(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]
     metrics: dict[str, float] = {}
     table: dict[str, Any] = {}
     mean_terms = []
+    mean_errors: list[float | None] = []
     groups = results.get("group_subtasks", {})
     for task in (name for name in results["results"] if not groups.get(name)):
         raw = results["results"][task]
@@ -176,9 +188,12 @@ def summarize(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]
         if "acc" in row:
             row["mean_uses"] = "acc_norm" if "acc_norm" in row else "acc"
             mean_terms.append(row[row["mean_uses"]])
+            mean_errors.append(row.get(row["mean_uses"] + "_stderr"))
         table[task] = row
     if mean_terms:
         metrics["mean_acc"] = sum(mean_terms) / len(mean_terms)
+        if all(e is not None for e in mean_errors):
+            metrics["mean_acc_stderr"] = math.sqrt(sum(e * e for e in mean_errors)) / len(mean_errors)
     return metrics, table
 
 

@@ -2,38 +2,44 @@
 
 Headline tables put methods in rows and sparsities in columns, one table per headline metric
 (perplexity per text source and context length, and mean zero-shot accuracy); per-task detail and the
-cost of each method follow below them.
+cost of each method follow below them. Tables show each number with its standard error, rounded to the
+digits the error supports (``harness.uncertainty``); CSV and JSON keep every digit and every stderr.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gisp_plugin.harness.runner import ComparisonResult, Row
+from gisp_plugin.harness.uncertainty import is_stderr, metric_text, stderr_name
+
+if TYPE_CHECKING:
+    from gisp_plugin.harness.runner import ComparisonResult, Row
 
 HEADLINE_PREFIXES = ("ppl[", "mean_acc")
 
 
+def _names(rows: list[Row]) -> set[str]:
+    return {name for row in rows for name in row.metrics if not is_stderr(name)}
+
+
 def headline_metrics(rows: list[Row]) -> list[str]:
-    names = {name for row in rows for name in row.metrics}
-    return sorted(n for n in names if n.startswith(HEADLINE_PREFIXES))
+    return sorted(n for n in _names(rows) if n.startswith(HEADLINE_PREFIXES))
 
 
 def detail_metrics(rows: list[Row]) -> list[str]:
-    names = {name for row in rows for name in row.metrics}
-    return sorted(n for n in names if not n.startswith(HEADLINE_PREFIXES) and "stderr" not in n)
+    return sorted(n for n in _names(rows) if not n.startswith(HEADLINE_PREFIXES))
 
 
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if math.isinf(value) or math.isnan(value):
-        return str(value)
-    return f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
+def row_line(row: Row, seconds: float | None = None, cached: bool = False) -> str:
+    """One finished row for the console: ``gisp @ 20% (achieved 0.2001): mean_acc 0.41 ± 0.05, ... (evaluated in 31 s)``."""
+    where = "dense" if row.method == "dense" else f"{row.method} @ {row.target:.0%} (achieved {row.sparsity:.4f})"
+    numbers = ", ".join(f"{name} {metric_text(row.metrics, name)}" for name in headline_metrics([row]))
+    when = " (cached)" if cached else f" (evaluated in {seconds:.0f} s)" if seconds is not None else ""
+    return f"{where}: {numbers or 'no headline metrics'}{when}"
 
 
 def _method_order(rows: list[Row]) -> list[str]:
@@ -50,8 +56,8 @@ def _pivot(rows: list[Row], metric: str) -> list[str]:
     ]
     for method in _method_order(rows):
         by_target = {r.target: r for r in rows if r.method == method}
-        cells = [_fmt(by_target[t].metrics.get(metric)) if t in by_target else "-" for t in targets]
-        lines.append(f"| {method} | {_fmt(dense.metrics.get(metric)) if dense else '-'} | {' | '.join(cells)} |")
+        cells = [metric_text(by_target[t].metrics, metric) if t in by_target else "-" for t in targets]
+        lines.append(f"| {method} | {metric_text(dense.metrics, metric) if dense else '-'} | {' | '.join(cells)} |")
     return lines
 
 
@@ -78,7 +84,7 @@ def markdown(result: ComparisonResult) -> str:
     if details:
         out += ["## Per-task detail", "", f"| method | sparsity | {' | '.join(details)} |", "|---|---|" + "---|" * len(details)]
         for r in rows:
-            out.append(f"| {r.method} | {r.target:.0%} | {' | '.join(_fmt(r.metrics.get(d)) for d in details)} |")
+            out.append(f"| {r.method} | {r.target:.0%} | {' | '.join(metric_text(r.metrics, d) for d in details)} |")
         out.append("")
     out += ["## Cost of pruning", "", "| method | prune time (s) | time per subnetwork (s) | peak memory (MiB) | cached |"]
     out.append("|---|---|---|---|---|")
@@ -101,7 +107,10 @@ def _eval_note(details: dict) -> str:
 
 
 def write_csv(rows: list[Row], path: Path) -> None:
-    metrics = headline_metrics(rows) + detail_metrics(rows)
+    """Every metric at full precision, each followed by its standard error where one was measured."""
+    present = {name for row in rows for name in row.metrics}
+    ordered = headline_metrics(rows) + detail_metrics(rows)
+    metrics = [name for metric in ordered for name in (metric, stderr_name(metric)) if name in present]
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "target", "sparsity", *metrics])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from gisp_plugin.evaluation.specs import EvalSpec, check_spec_inputs, parse_eval
 from gisp_plugin.harness.cache import ResultCache
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
 from gisp_plugin.harness.memory import PeakMemory
+from gisp_plugin.harness.progress import ComparisonProgress
+from gisp_plugin.harness.report import row_line
 from gisp_plugin.inputs import check_device, check_output_folder, check_seqlen, context_limit, folder_context_limit
 from gisp_plugin.methods.api import Subnetwork
 from gisp_plugin.methods.options import options_to_dict
@@ -162,18 +165,20 @@ class Comparison:
     def prune_key(self, method: str) -> dict[str, Any]:
         return {**self.base_key(), "method": method, "options": options_to_dict(self.methods[method]), "targets": self.targets}
 
-    def evaluate(self, model, key: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-        metrics, details = {}, {}
+    def evaluate(self, model, key: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any], bool]:
+        """Metrics and details of every evaluation of ``model``, and whether all of them came from the cache."""
+        metrics, details, cached = {}, {}, True
         for spec in self.specs:
             eval_key = {**key, "eval": spec.text}
             entry = self.cache.get("eval", eval_key)
             if entry is None:
+                cached = False
                 result = run_spec(spec, model, self.tokenizer)
                 entry = {"metrics": result.metrics, "details": result.details}
                 self.cache.put("eval", eval_key, entry)
             metrics.update(entry["metrics"])
             details[spec.text] = entry["details"]
-        return metrics, details
+        return metrics, details, cached
 
     def prune(self, method: str) -> tuple[list[Subnetwork], MethodCost]:
         key = self.prune_key(method)
@@ -216,47 +221,67 @@ class Comparison:
         )
         return subnetworks, cost
 
-    def run(self) -> ComparisonResult:
+    def run(self, progress: ComparisonProgress | None = None) -> ComparisonResult:
+        """Evaluate the dense model, then prune with every method and evaluate every subnetwork.
+
+        ``progress`` shows rows done, the step running and one line per finished row (default: log lines).
+        """
         if any(self.cache.get("prune", self.prune_key(m)) is None and self._needs_data(m) for m in self.methods):
             self.calibration()  # data too short or unavailable fails here, before the folder is written to
+        progress = progress or ComparisonProgress()
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / SETTINGS_FILE).write_text(
             json.dumps({"identity": self.config.identity(), "config": self.config.to_json()}, indent=1)
         )
         rows, costs = [], []
-        log.info("evaluating the dense model")
-        metrics, details = self.evaluate(self.model, {**self.base_key(), "method": "dense"})
-        rows.append(Row("dense", 0.0, 0.0, metrics, details))
-        for method in self.methods:
-            log.info("pruning with %s to %s", method, ", ".join(f"{t:.2f}" for t in self.targets))
-            subnetworks, cost = self.prune(method)
-            costs.append(cost)
-            for subnetwork in subnetworks:
-                compact, params = compact_subnetwork(self.model, subnetwork, self.config.pad_to)
-                sparsity = 1 - params["decoder"] / params["decoder_dense"]
-                metrics, details = self.evaluate(compact, {**self.prune_key(method), "target": subnetwork.target})
-                rows.append(Row(method, subnetwork.target, sparsity, metrics, details))
-                if self.config.save_models:
-                    record = pruning_record(
-                        self.config.model,
-                        method,
-                        self.methods[method],
-                        subnetwork,
-                        compact,
-                        params,
-                        self.calibration().name if self._calibration else None,
-                        self.config.seed,
-                    )
-                    save_pruned(compact, self.tokenizer, self.out / "models" / f"{method}-s{subnetwork.target:.2f}", record)
-                del compact
+        targets = ", ".join(f"{t:.0%}" for t in self.targets)
+        progress.start(1 + len(self.methods) * len(self.targets))
+        try:
+            progress.stage("dense: evaluating")
+            started = time.perf_counter()
+            metrics, details, cached = self.evaluate(self.model, {**self.base_key(), "method": "dense"})
+            rows.append(Row("dense", 0.0, 0.0, metrics, details))
+            progress.row_done(row_line(rows[-1], time.perf_counter() - started, cached))
+            for method in self.methods:
+                progress.stage(f"{method} {targets}: pruning")
+                subnetworks, cost = self.prune(method)
+                costs.append(cost)
+                for subnetwork in subnetworks:
+                    progress.stage(f"{method} {subnetwork.target:.0%}: evaluating")
+                    started = time.perf_counter()
+                    compact, params = compact_subnetwork(self.model, subnetwork, self.config.pad_to)
+                    sparsity = 1 - params["decoder"] / params["decoder_dense"]
+                    metrics, details, cached = self.evaluate(compact, {**self.prune_key(method), "target": subnetwork.target})
+                    rows.append(Row(method, subnetwork.target, sparsity, metrics, details))
+                    progress.row_done(row_line(rows[-1], time.perf_counter() - started, cached))
+                    if self.config.save_models:
+                        self._save(method, subnetwork, compact, params)
+                    del compact
+        finally:
+            progress.close()
         eval_settings = {spec.text: rows[0].details.get(spec.text, {}) for spec in self.specs}
         return ComparisonResult(self.config, rows, costs, eval_settings)
 
+    def _save(self, method: str, subnetwork: Subnetwork, compact, params: dict[str, int]) -> None:
+        record = pruning_record(
+            self.config.model,
+            method,
+            self.methods[method],
+            subnetwork,
+            compact,
+            params,
+            self.calibration().name if self._calibration else None,
+            self.config.seed,
+        )
+        save_pruned(compact, self.tokenizer, self.out / "models" / f"{method}-s{subnetwork.target:.2f}", record)
 
-def run_comparison(config: ComparisonConfig | dict[str, Any], out: str | Path) -> ComparisonResult:
+
+def run_comparison(
+    config: ComparisonConfig | dict[str, Any], out: str | Path, progress: ComparisonProgress | None = None
+) -> ComparisonResult:
     """Check everything, then run (or resume) the comparison into ``out`` (a config or its mapping)."""
     if isinstance(config, dict):
         config = ComparisonConfig.from_mapping(config, "the comparison mapping")
     if not isinstance(config, ComparisonConfig):
         raise ConfigError(f"run_comparison needs a ComparisonConfig or a mapping, got {type(config).__name__}")
-    return Comparison(config, Path(out)).run()
+    return Comparison(config, Path(out)).run(progress)

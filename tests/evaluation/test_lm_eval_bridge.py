@@ -166,3 +166,30 @@ def test_gsm8k_offline_reports_strict_and_flexible_exact_match(tokenizer):
     assert result.metrics["exact_match_strict[gsm8k]"] == 0.0  # an empty answer has no "#### <number>"
     assert "mean_acc" not in result.metrics  # generation tasks are not averaged with accuracies
     assert result.details["tasks"]["gsm8k"]["n"] == 2
+
+
+def test_batched_requests_give_the_results_of_one_at_a_time(compacted):
+    """lm-eval's batching (the bridge's default batch_size) changes only float rounding, never an answer."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model, tokenizer, _ = compacted
+    rng = random.Random(1)
+    pairs = [
+        (" ".join(rng.sample(WORDS, rng.randint(1, 8))), " " + " ".join(rng.sample(WORDS, rng.randint(1, 4)))) for _ in range(24)
+    ]
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    one = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).loglikelihood(requests, disable_tqdm=True)
+    batched = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=LmEvalOptions().batch_size).loglikelihood(
+        requests, disable_tqdm=True
+    )
+    assert [greedy for _, greedy in one] == [greedy for _, greedy in batched]
+    assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in one], rel=1e-5, abs=1e-5)
+
+    options = {"tasks": ("boolq", "arc_easy"), "limit": 8, "offline": "true"}  # piqa's answers outgrow the tiny context
+    one = evaluate_lm_eval(model, tokenizer, LmEvalOptions(**options, batch_size=1)).metrics
+    batched = evaluate_lm_eval(model, tokenizer, LmEvalOptions(**options)).metrics
+    assert one == batched  # accuracies and their stderrs, exactly
+    assert batched["mean_acc_stderr"] == pytest.approx(
+        (batched["acc_stderr[boolq]"] ** 2 + batched["acc_norm_stderr[arc_easy]"] ** 2) ** 0.5 / 2
+    )

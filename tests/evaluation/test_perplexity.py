@@ -74,11 +74,47 @@ def test_bfloat16_is_close_to_float32(tokenizer):
 def test_evaluator_reads_the_sources_evaluation_part(tokenizer, test_source):
     model = tiny_model("llama")
     result = evaluate_perplexity(model, tokenizer, PerplexityOptions(source=test_source, seqlen=16, max_windows=4))
-    assert list(result.metrics) == [f"ppl[{test_source}@16]"]
+    assert list(result.metrics) == [f"ppl[{test_source}@16]", f"ppl_stderr[{test_source}@16]"]
     assert result.details["seqlen"] == 16 and result.details["windows"] == 4 and not result.details["complete"]
     assert result.metrics[f"ppl[{test_source}@16]"] == pytest.approx(
         reference_ppl(model, tokenizer, EVAL_TEXT, 16, windows=4), rel=1e-6
     )
+
+
+def test_standard_error_over_windows(tokenizer):
+    """se(ppl) = ppl * sample std of the per-window mean NLL / sqrt(windows); none for one window."""
+    model = tiny_model("llama")
+    result = perplexity_of_text(model, tokenizer, EVAL_TEXT, seqlen=16, max_windows=6, batch_size=4)
+    ids = tokenizer(EVAL_TEXT)["input_ids"]
+    per_window = []
+    with torch.no_grad():
+        for w in range(6):
+            window = torch.tensor(ids[w * 16 : (w + 1) * 16]).unsqueeze(0)
+            logprobs = torch.log_softmax(model(window).logits[0].double(), dim=-1)
+            per_window.append(-logprobs[torch.arange(15), window[0, 1:]].mean().item())
+    mean = sum(per_window) / 6
+    sd = math.sqrt(sum((x - mean) ** 2 for x in per_window) / 5)
+    assert result.ppl == pytest.approx(math.exp(mean), rel=1e-6)
+    assert result.ppl_stderr == pytest.approx(math.exp(mean) * sd / math.sqrt(6), rel=1e-5)
+    assert perplexity_of_text(model, tokenizer, EVAL_TEXT, seqlen=16, max_windows=1).ppl_stderr is None
+
+
+def test_text_is_tokenised_once_per_tokenizer(tokenizer):
+    """Measuring many models on one text tokenises it once (the comparison measures a dozen)."""
+    text = EVAL_TEXT + " once"
+    calls = []
+
+    class Counting:
+        def __call__(self, *args, **kwargs):
+            calls.append(args[0])
+            return tokenizer(*args, **kwargs)
+
+    counting = Counting()
+    first = perplexity_of_text(tiny_model("llama"), counting, text, seqlen=16, max_windows=2)
+    second = perplexity_of_text(tiny_model("qwen2"), counting, text, seqlen=16, max_windows=2)
+    assert len(calls) == 1 and first.text_tokens == second.text_tokens
+    perplexity_of_text(tiny_model("llama"), counting, text + " changed", seqlen=16, max_windows=2)
+    assert len(calls) == 2  # another text is tokenised anew
 
 
 def test_text_too_short_for_one_window(tokenizer):

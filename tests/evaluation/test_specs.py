@@ -55,5 +55,5 @@ def test_evaluate_runs_each_spec(tokenizer, test_source):
     specs = [f"perplexity:source={test_source},seqlen=16,max_windows=2", f"perplexity:source={test_source},seqlen=32"]
     results = evaluate(tiny_model("llama"), tokenizer, specs)
     assert list(results) == specs
-    assert set(results[specs[0]].metrics) == {f"ppl[{test_source}@16]"}
+    assert set(results[specs[0]].metrics) == {f"ppl[{test_source}@16]", f"ppl_stderr[{test_source}@16]"}
     assert results[specs[1]].details["seqlen"] == 32
