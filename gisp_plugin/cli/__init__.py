@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from gisp_plugin.deploy.import_noise import quiet_torchao_import
+
 COMMANDS = (
     "gisp_plugin.cli.methods_cmd",
     "gisp_plugin.cli.prune_cmd",
@@ -27,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_torchao_import()  # before the commands import transformers, which imports torchao
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    quiet_torchao_import(not args.verbose)
     try:
         return args.run(args) or 0
     except BrokenPipeError:  # output piped into `head` and the like

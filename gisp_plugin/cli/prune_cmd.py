@@ -14,6 +14,9 @@ from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationRequest
 from gisp_plugin.data.loading import load_calibration
+from gisp_plugin.deploy.padding import default_pad_to
+from gisp_plugin.deploy.quantize import CHOICES, check_quantization, quantization_info, quantize_model
+from gisp_plugin.deploy.size import weights_bytes
 from gisp_plugin.methods.options import parse_assignments
 from gisp_plugin.models.loading import DEFAULT_MODEL, load_model
 from gisp_plugin.pruning import check_targets, compact_subnetwork, pruning_record, resolve_method, run_method
@@ -44,6 +47,16 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", type=int, default=None, help="tokens per calibration sequence")
 
 
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize",
+        "-q",
+        default=None,
+        metavar="QUANT",
+        help=f"quantise with torchao after pruning: {', '.join(CHOICES)} (int4wo:group_size=N); CPU runs int8wo, int8dq",
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("prune", help="prune a model to one or more sparsities and save compacted models")
     add_model_arguments(parser)
@@ -53,8 +66,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--option", "-o", action="append", default=[], help="method option name=value (repeatable)")
     add_calibration_arguments(parser)
     parser.add_argument(
-        "--pad-to", type=int, default=1, help="round MLP widths up to a multiple with inert zero channels (64 suits GPUs)"
+        "--pad-to",
+        type=int,
+        default=None,
+        help="round MLP widths up to a multiple with inert zero channels (default: 64 on CUDA, 1 = none elsewhere)",
     )
+    add_quantize_argument(parser)
     parser.add_argument("--trajectory-only", action="store_true", help="write only the trajectory (nested methods)")
     parser.add_argument(
         "--recover-steps", type=int, default=0, help="LoRA recovery fine-tuning steps on each compacted model (default 0: off)"
@@ -82,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.trajectory_only and not spec.nested:
         raise ValueError(f"method {args.method!r} is not nested; --trajectory-only needs a nested method")
     request = calibration_request(spec, args)
+    quantization = check_quantization(args.quantize, args.device, args.dtype)
+    pad_to = default_pad_to(args.device, args.pad_to)
     if args.recover_steps and request is None and not args.calibration:
         raise ValueError(f"method {args.method!r} uses no data; give --calibration SOURCE for --recover-steps")
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn)
@@ -99,11 +118,15 @@ def run(args: argparse.Namespace) -> int:
     ):
         line = {"target": subnetwork.target, "structural_sparsity": round(subnetwork.sparsity, 5)}
         if not args.trajectory_only:
-            compact, params = compact_subnetwork(model, subnetwork, args.pad_to)
+            compact, params = compact_subnetwork(model, subnetwork, pad_to)
+            subnetwork.info["pad_to"] = pad_to
             if recovery_data is not None:
                 report = RecoveryReport()
                 recover(compact, tokenizer, recovery_data, RecoveryOptions(steps=args.recover_steps, seed=args.seed), report)
                 subnetwork.info["recovery"] = {"steps": args.recover_steps, "data": recovery_data.name, "losses": report.losses}
+            if quantization is not None:
+                quantize_model(compact, quantization)
+                subnetwork.info["quantization"] = quantization_info(quantization)
             record = pruning_record(
                 args.model,
                 args.method,
@@ -114,8 +137,10 @@ def run(args: argparse.Namespace) -> int:
                 request.label if request else None,
                 args.seed,
             )
-            folder = save_pruned(compact, tokenizer, out / f"{args.method}-s{subnetwork.target:.2f}", record)
+            name = f"{args.method}-s{subnetwork.target:.2f}" + (f"-{quantization.slug}" if quantization else "")
+            folder = save_pruned(compact, tokenizer, out / name, record)
             line.update(folder=str(folder), sparsity=round(record.sparsity, 5), params=params)
+            line["weights_mib"] = round(weights_bytes(folder) / 2**20, 3)
             del compact
         line["elapsed_s"] = round(time.perf_counter() - started, 2)
         summary.append(line)
