@@ -119,14 +119,12 @@ def run(args: argparse.Namespace) -> int:
         line = {"target": subnetwork.target, "structural_sparsity": round(subnetwork.sparsity, 5)}
         if not args.trajectory_only:
             compact, params = compact_subnetwork(model, subnetwork, pad_to)
-            subnetwork.info["pad_to"] = pad_to
             if recovery_data is not None:
                 report = RecoveryReport()
                 recover(compact, tokenizer, recovery_data, RecoveryOptions(steps=args.recover_steps, seed=args.seed), report)
                 subnetwork.info["recovery"] = {"steps": args.recover_steps, "data": recovery_data.name, "losses": report.losses}
             if quantization is not None:
                 quantize_model(compact, quantization)
-                subnetwork.info["quantization"] = quantization_info(quantization)
             record = pruning_record(
                 args.model,
                 args.method,
@@ -137,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
                 request.label if request else None,
                 args.seed,
             )
+            record.info["pad_to"] = pad_to
+            if quantization is not None:
+                record.info["quantization"] = quantization_info(quantization)
             name = f"{args.method}-s{subnetwork.target:.2f}" + (f"-{quantization.slug}" if quantization else "")
             folder = save_pruned(compact, tokenizer, out / name, record)
             line.update(folder=str(folder), sparsity=round(record.sparsity, 5), params=params)

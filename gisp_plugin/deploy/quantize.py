@@ -184,3 +184,24 @@ def quantization_of(model: PreTrainedModel) -> str | None:
 def quantization_info(choice: QuantChoice) -> dict[str, Any]:
     """What the pruning record and the model card say about a quantisation."""
     return {"name": choice.label, "config": CHOICES[choice.name][0], "modules": "decoder linear layers"}
+
+
+def parse_row_quantizations(
+    entries: list[str], methods: list[str], device: str | torch.device, dtype: str | torch.dtype
+) -> dict[str, list[QuantChoice]]:
+    """``METHOD:QUANT`` entries of a comparison (``dense:int8wo``, ``gisp:int4wo:group_size=32``) by method,
+    each checked against the methods compared and against what ``device`` runs."""
+    by_method: dict[str, list[QuantChoice]] = {}
+    for entry in entries:
+        method, sep, quant = entry.partition(":")
+        if not sep or not quant:
+            raise QuantizationError(f"quantisation row {entry!r} must be METHOD:QUANT, e.g. gisp:int8wo or dense:int8wo")
+        if method != "dense" and method not in methods:
+            raise QuantizationError(
+                f"quantisation row {entry!r} names method {method!r}, which is not compared; choose dense or one of "
+                f"{', '.join(methods)}"
+            )
+        choice = check_quantization(quant, device, dtype)
+        if choice not in by_method.setdefault(method, []):
+            by_method[method].append(choice)
+    return by_method

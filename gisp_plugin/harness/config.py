@@ -52,7 +52,8 @@ class ComparisonConfig:
     dtype: str = "float32"
     seed: int = 0
     save_models: bool = False
-    pad_to: int = 1
+    pad_to: int | None = None  # None: 64 on CUDA, 1 (no padding) elsewhere
+    quantize: list[str] = field(default_factory=list)  # METHOD:QUANT rows, e.g. gisp:int8wo, dense:int8wo
 
     def identity(self) -> dict[str, Any]:
         return {
@@ -76,6 +77,8 @@ class ComparisonConfig:
         values = dict(data)
         if isinstance(values.get("methods"), str):
             values["methods"] = [m.strip() for m in values["methods"].split(",") if m.strip()]
+        if isinstance(values.get("quantize"), str):
+            values["quantize"] = [q.strip() for q in values["quantize"].split(",") if q.strip()]
         if isinstance(values.get("sparsities"), str):
             values["sparsities"] = [float(s) for s in values["sparsities"].split(",") if s.strip()]
         return cls(**values)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,12 @@ import torch
 
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
-from gisp_plugin.checkpoint.saving import save_pruned
+from gisp_plugin.checkpoint.saving import count_params, save_pruned
 from gisp_plugin.data.api import CalibrationRequest
 from gisp_plugin.data.loading import load_calibration
+from gisp_plugin.deploy.padding import default_pad_to
+from gisp_plugin.deploy.quantize import QuantChoice, parse_row_quantizations, quantization_info, quantized_copy
+from gisp_plugin.deploy.size import serialized_bytes, size_metrics
 from gisp_plugin.evaluation.specs import EvalSpec, parse_eval_specs
 from gisp_plugin.harness.cache import ResultCache
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
@@ -120,6 +124,8 @@ class Comparison:
         self.methods = resolve_methods(config)
         self.targets = check_targets(config.sparsities, reachable=1.0)
         self.specs: list[EvalSpec] = parse_eval_specs(config.evals)
+        self.quantize = parse_row_quantizations(config.quantize, list(self.methods), config.device, config.dtype)
+        self.pad_to = default_pad_to(config.device, config.pad_to)
         check_results_folder(out, config)
         self.model, self.tokenizer = load_model(config.model, config.device, config.dtype)
         self._calibration = None
@@ -150,6 +156,21 @@ class Comparison:
             metrics.update(entry["metrics"])
             details[spec.text] = entry["details"]
         return metrics, details
+
+    def size(self, model, key: dict[str, Any]) -> dict[str, float]:
+        """Size on disk (safetensors, as saved) and bytes per parameter; cached like the evaluations."""
+        size_key = {**key, "size": "safetensors"}
+        entry = self.cache.get("size", size_key)
+        if entry is None:
+            entry = size_metrics(serialized_bytes(model), count_params(model)["total"])
+            self.cache.put("size", size_key, entry)
+        return entry
+
+    def variants(self, method: str, model) -> Iterator[tuple[QuantChoice | None, Any]]:
+        """The model itself, then a quantised copy for each quantisation asked for ``method``."""
+        yield None, model
+        for choice in self.quantize.get(method, []):
+            yield choice, quantized_copy(model, choice)
 
     def prune(self, method: str) -> tuple[list[Subnetwork], MethodCost]:
         key = self.prune_key(method)
@@ -192,6 +213,26 @@ class Comparison:
         )
         return subnetworks, cost
 
+    def save(self, method: str, subnetwork: Subnetwork, model, params: dict[str, int], choice: QuantChoice | None, row: Row):
+        """Save a compared model with its record and a model card holding its results."""
+        record = pruning_record(
+            self.config.model,
+            method,
+            self.methods[method],
+            subnetwork,
+            model,
+            params,
+            self.calibration().name if self._calibration else None,
+            self.config.seed,
+        )
+        record.info["pad_to"] = self.pad_to
+        name = f"{method}-s{subnetwork.target:.2f}"
+        if choice is not None:
+            record.info["quantization"] = quantization_info(choice)
+            name += f"-{choice.slug}"
+        results = {f"gisp compare ({', '.join(self.config.evals)})": row.metrics}
+        save_pruned(model, self.tokenizer, self.out / "models" / name, record, results)
+
     def run(self) -> ComparisonResult:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / SETTINGS_FILE).write_text(
@@ -199,32 +240,37 @@ class Comparison:
         )
         rows, costs = [], []
         log.info("evaluating the dense model")
-        metrics, details = self.evaluate(self.model, {**self.base_key(), "method": "dense"})
-        rows.append(Row("dense", 0.0, 0.0, metrics, details))
+        for choice, model in self.variants("dense", self.model):
+            key = {**self.base_key(), "method": "dense", **({"quantize": choice.label} if choice else {})}
+            metrics, details = self.evaluate(model, key)
+            metrics.update(self.size(model, key))
+            rows.append(Row(_row_name("dense", choice), 0.0, 0.0, metrics, details))
         for method in self.methods:
             log.info("pruning with %s to %s", method, ", ".join(f"{t:.2f}" for t in self.targets))
             subnetworks, cost = self.prune(method)
             costs.append(cost)
             for subnetwork in subnetworks:
-                compact, params = compact_subnetwork(self.model, subnetwork, self.config.pad_to)
+                compact, params = compact_subnetwork(self.model, subnetwork, self.pad_to)
                 sparsity = 1 - params["decoder"] / params["decoder_dense"]
-                metrics, details = self.evaluate(compact, {**self.prune_key(method), "target": subnetwork.target})
-                rows.append(Row(method, subnetwork.target, sparsity, metrics, details))
-                if self.config.save_models:
-                    record = pruning_record(
-                        self.config.model,
-                        method,
-                        self.methods[method],
-                        subnetwork,
-                        compact,
-                        params,
-                        self.calibration().name if self._calibration else None,
-                        self.config.seed,
-                    )
-                    save_pruned(compact, self.tokenizer, self.out / "models" / f"{method}-s{subnetwork.target:.2f}", record)
+                for choice, model in self.variants(method, compact):
+                    key = {
+                        **self.prune_key(method),
+                        "target": subnetwork.target,
+                        **({"quantize": choice.label} if choice else {}),
+                    }
+                    metrics, details = self.evaluate(model, key)
+                    metrics.update(self.size(model, key))
+                    rows.append(Row(_row_name(method, choice), subnetwork.target, sparsity, metrics, details))
+                    if self.config.save_models:
+                        self.save(method, subnetwork, model, params, choice, rows[-1])
+                    del model
                 del compact
         eval_settings = {spec.text: rows[0].details.get(spec.text, {}) for spec in self.specs}
         return ComparisonResult(self.config, rows, costs, eval_settings)
+
+
+def _row_name(method: str, choice: QuantChoice | None) -> str:
+    return method if choice is None else f"{method}+{choice.label}"
 
 
 def run_comparison(config: ComparisonConfig, out: Path) -> ComparisonResult:
