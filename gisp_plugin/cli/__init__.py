@@ -14,6 +14,7 @@ COMMANDS = (
     "gisp_plugin.cli.prune_cmd",
     "gisp_plugin.cli.eval_cmd",
     "gisp_plugin.cli.compare_cmd",
+    "gisp_plugin.cli.push_cmd",
 )
 
 
