@@ -113,7 +113,7 @@ def check_quantization(text: str | None, device: str | torch.device, dtype: str 
 
     choice = parse_quantization(text)
     if importlib.util.find_spec("torchao") is None:
-        raise QuantizationError("quantisation needs torchao: pip install 'torchao>=0.16'")
+        raise QuantizationError("quantisation needs torchao: pip install 'torchao>=0.18,<0.19'")
     runnable = runnable_choices(device)
     if choice.name not in runnable:
         raise QuantizationError(
