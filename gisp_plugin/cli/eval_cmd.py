@@ -17,7 +17,7 @@ from gisp_plugin.checkpoint.saving import count_params, is_pruned_folder, read_r
 from gisp_plugin.cli.prune_cmd import add_model_arguments, add_quantize_argument
 from gisp_plugin.deploy.model_card import write_model_card
 from gisp_plugin.deploy.quantize import QuantizationError, check_quantization, quantization_of, quantize_model
-from gisp_plugin.deploy.size import serialized_bytes, size_metrics, weights_bytes
+from gisp_plugin.deploy.size import serialized_bytes, size_metrics
 from gisp_plugin.evaluation.api import EvalResult
 from gisp_plugin.evaluation.offline_data import prepare_offline_tasks
 from gisp_plugin.evaluation.specs import evaluate, parse_eval_specs
@@ -99,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
             raise QuantizationError(f"{args.model!r} is already quantised ({quantization_of(model)}); drop --quantize")
         quantize_model(model, quantization)
         model_info["quantization"] = quantization.label
-    size = serialized_bytes(model) if quantization or not Path(path).is_dir() else weights_bytes(path)
-    model_info.update(size_metrics(size, model_info["params"]["total"]))
+    model_info.update(size_metrics(serialized_bytes(model), model_info["params"]["total"]))
     results = evaluate(model, tokenizer, specs)
     header = f"model {args.model}: {model_info['params']['total']:,} parameters"
     if "sparsity" in model_info:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from transformers import PreTrainedModel
@@ -14,10 +13,13 @@ def weights_bytes(folder: str | Path) -> int:
 
 
 def serialized_bytes(model: PreTrainedModel) -> int:
-    """Bytes of ``model``'s weights as ``save_pretrained`` writes them (safetensors), measured by writing them."""
-    with tempfile.TemporaryDirectory(prefix="gisp-size-") as tmp:
-        model.save_pretrained(tmp)
-        return weights_bytes(tmp)
+    """Bytes of the tensors ``save_pretrained`` writes for ``model`` (the safetensors file less its small header),
+    counted without writing anything: a quantised model's tensors as its quantizer flattens them for
+    safetensors (int8 data, scales, zero points), tied weights once."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    state = quantizer.get_state_dict_and_metadata(model)[0] if quantizer is not None else model.state_dict()
+    unique = {(t.data_ptr(), t.dtype, tuple(t.shape)): t for t in state.values() if t.numel()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def size_metrics(size_bytes: int, params: int) -> dict[str, float]:

@@ -158,7 +158,7 @@ class Comparison:
         return metrics, details
 
     def size(self, model, key: dict[str, Any]) -> dict[str, float]:
-        """Size on disk (safetensors, as saved) and bytes per parameter; cached like the evaluations."""
+        """Size of the saved weights (safetensors tensors) and bytes per parameter; cached like the evaluations."""
         size_key = {**key, "size": "safetensors"}
         entry = self.cache.get("size", size_key)
         if entry is None:

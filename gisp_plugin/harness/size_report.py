@@ -16,7 +16,7 @@ def size_section(rows: list[Row], headline: list[str], fmt) -> list[str]:
     lines = [
         "## Size and quality",
         "",
-        "Size = bytes of the safetensors weights as saved (embeddings and LM head included, never quantised); "
+        "Size = bytes of the weight tensors as saved in safetensors (embeddings and LM head included, never quantised); "
         "bytes/param divides it by all parameters.",
         "",
         f"| model | sparsity | size (MiB) | bytes/param | {' | '.join(headline)} |",

@@ -21,7 +21,7 @@ from gisp_plugin.deploy.quantize import (
     quantize_model,
     quantized_copy,
 )
-from gisp_plugin.deploy.size import weights_bytes
+from gisp_plugin.deploy.size import serialized_bytes, weights_bytes
 from tests.tiny import random_ids, random_keep, record_for, tiny_model
 
 CPU_CHOICES = ["int8wo", "int8dq"]
@@ -167,3 +167,12 @@ def test_prune_refuses_fp8_on_cpu_before_loading_the_model(tmp_path, capsys):
     assert code == 2
     assert "quantisation 'fp8dq' cannot run on cpu" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("quant", [None, *CPU_CHOICES])
+def test_serialized_bytes_counts_what_the_folder_holds(tmp_path, tokenizer, quant):
+    """The in-memory count (used by compare and eval) matches the saved weights up to the safetensors header."""
+    compact, record = _pruned("qwen2")  # tied embeddings: counted once, as saved
+    model = quantized_copy(compact, parse_quantization(quant)) if quant else compact
+    folder = save_pruned(model, tokenizer, tmp_path / "m", record)
+    assert 0 < weights_bytes(folder) - serialized_bytes(model) <= 32 * 1024
