@@ -131,7 +131,7 @@ def speed(comparison: Comparison, args: argparse.Namespace, report: list[str]) -
         for method in [m.strip() for m in args.speed_methods.split(",") if m.strip()]:
             subnetworks, _ = comparison.prune(method)
             for s in subnetworks:
-                compact, params = compact_subnetwork(model, s, base.pad_to)
+                compact, params = compact_subnetwork(model, s, comparison.pad_to)
                 folder = Path(tmp) / f"{method}-{s.target:.2f}"
                 record = pruning_record(base.model, method, comparison.methods[method], s, compact, params, None, base.seed)
                 save_pruned(compact, tokenizer, folder, record)

@@ -18,9 +18,13 @@ class NonFiniteError(FloatingPointError, ValueError):
 
 
 def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
-    """The name of the first tensor holding inf or NaN, or ``None`` when all are finite."""
+    """The name of the first tensor holding inf or NaN, or ``None`` when all are finite.
+
+    Quantised tensors (torchao's subclasses) are skipped: their integer data cannot be inf or NaN, they
+    implement no ``isfinite``, and the weights they came from were checked before quantisation.
+    """
     for name, tensor in tensors:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if type(tensor) is torch.Tensor and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return name
     return None
 

@@ -2,7 +2,7 @@
 
 A saved folder holds ``model.safetensors``, ``config.json`` (with ``auto_map`` to the modelling file
 copied beside it, so ``trust_remote_code=True`` loads it without this package), the tokenizer and
-``pruning.json``. Folders are written under a temporary name and renamed when complete, so an
+``pruning.json`` and the model card ``README.md``. Folders are written under a temporary name and renamed when complete, so an
 interrupted save never leaves a half-written model behind. No pickle: safetensors and JSON only.
 """
 
@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 import gisp_plugin
 from gisp_plugin.compaction import modeling_gisp_pruned
 from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
+from gisp_plugin.deploy.model_card import write_model_card
 from gisp_plugin.inputs import check_device
 from gisp_plugin.models.loading import ModelLoadError, check_weights, parse_dtype
 
@@ -61,8 +62,15 @@ def count_params(model: torch.nn.Module) -> dict[str, int]:
     }
 
 
-def save_pruned(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, record: PruningRecord) -> Path:
-    """Write a compacted model, its tokenizer and its record to ``out_dir`` (replaced atomically)."""
+def save_pruned(
+    model: PreTrainedModel,
+    tokenizer: Any,
+    out_dir: str | Path,
+    record: PruningRecord,
+    evaluations: dict[str, dict[str, float]] | None = None,
+) -> Path:
+    """Write a compacted model, its tokenizer, its record and its model card (``README.md``, with
+    ``evaluations`` when given) to ``out_dir`` (replaced atomically)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
@@ -72,6 +80,7 @@ def save_pruned(model: PreTrainedModel, tokenizer: Any, out_dir: str | Path, rec
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=1))
+    write_model_card(tmp, asdict(record), evaluations)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)

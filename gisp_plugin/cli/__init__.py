@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from gisp_plugin.cli.console import configure_logging
+from gisp_plugin.deploy.import_noise import quiet_torchao_import
 
 COMMANDS = (
     "gisp_plugin.cli.methods_cmd",
     "gisp_plugin.cli.prune_cmd",
     "gisp_plugin.cli.eval_cmd",
     "gisp_plugin.cli.compare_cmd",
+    "gisp_plugin.cli.push_cmd",
 )
 
 
@@ -40,11 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; every error is one line on stderr and exit status 2 (the traceback only with -v)."""
+    quiet_torchao_import()  # before the commands import transformers, which imports torchao
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a malformed command line already explained by argparse
         return exit_.code if isinstance(exit_.code, int) else 2
     configure_logging(args.verbose, getattr(args, "own_log_level", logging.INFO))
+    quiet_torchao_import(not args.verbose)
     try:
         return args.run(args) or 0
     except BrokenPipeError:  # output piped into `head` and the like

@@ -40,7 +40,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype")
     parser.add_argument("--seed", type=int_at_least(0))
     parser.add_argument(
-        "--pad-to", type=int_at_least(1), help="round MLP widths of compacted models up to a multiple (64 suits GPUs)"
+        "--pad-to",
+        type=int_at_least(1),
+        help="round MLP widths of compacted models up to a multiple (default: 64 on CUDA, 1 elsewhere)",
+    )
+    parser.add_argument(
+        "--quantize",
+        "-q",
+        action="append",
+        help="also evaluate METHOD quantised with torchao, as its own rows (repeatable): gisp:int8wo, dense:int8dq",
     )
     parser.add_argument("--save-models", action="store_true", default=None, help="also save every compacted model")
     parser.add_argument("--out", type=Path, default=Path("results/compare"), help="results folder (reused on rerun)")
@@ -68,6 +76,7 @@ def build_config(args: argparse.Namespace) -> ComparisonConfig:
             "dtype",
             "seed",
             "pad_to",
+            "quantize",
         )
         if getattr(args, key) is not None
     }

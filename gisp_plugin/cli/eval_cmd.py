@@ -14,7 +14,10 @@ import time
 from pathlib import Path
 
 from gisp_plugin.checkpoint.saving import count_params, is_pruned_folder, read_record
-from gisp_plugin.cli.prune_cmd import add_model_arguments
+from gisp_plugin.cli.prune_cmd import add_model_arguments, add_quantize_argument
+from gisp_plugin.deploy.model_card import write_model_card
+from gisp_plugin.deploy.quantize import QuantizationError, check_quantization, quantization_of, quantize_model
+from gisp_plugin.deploy.size import serialized_bytes, size_metrics
 from gisp_plugin.evaluation.api import EvalResult
 from gisp_plugin.evaluation.offline_data import prepare_offline_tasks
 from gisp_plugin.evaluation.specs import check_spec_inputs, evaluate, parse_eval_specs
@@ -38,6 +41,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help=f"evaluator spec NAME:option=value,... (list items joined with +), repeatable; default {DEFAULT_EVAL!r}",
     )
     parser.add_argument("--json", type=Path, default=None, help="write metrics and details to this JSON file")
+    add_quantize_argument(parser)
+    parser.add_argument(
+        "--write-card", action="store_true", help="write the results into the pruned folder's model card (README.md)"
+    )
     parser.add_argument(
         "--prepare-offline-tasks",
         metavar="TASKS",
@@ -89,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
         check_output_folder(args.json.parent, "--json folder")
     limit = folder_context_limit(args.model) if Path(args.model).expanduser().is_dir() else None
     check_spec_inputs(specs, limit, args.model)
+    quantization = check_quantization(args.quantize, args.device, args.dtype)
     path = resolve_model_path(args.model)
+    if args.write_card and (not is_pruned_folder(path) or quantization):
+        raise ValueError("--write-card writes into a pruned folder's card: give a folder from `gisp prune`, without --quantize")
     started = time.perf_counter()
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn)
     model_info = {"model": args.model, "params": count_params(model), "dtype": args.dtype, "device": args.device}
@@ -97,10 +107,19 @@ def run(args: argparse.Namespace) -> int:
         record = read_record(path)
         model_info.update(method=record["method"], target=record["target"], sparsity=record["sparsity"])
     log.info("loaded %s in %.1f s", args.model, time.perf_counter() - started)
+    if quantization is not None:
+        if quantization_of(model):
+            raise QuantizationError(f"{args.model!r} is already quantised ({quantization_of(model)}); drop --quantize")
+        quantize_model(model, quantization)
+        model_info["quantization"] = quantization.label
+    model_info.update(size_metrics(serialized_bytes(model), model_info["params"]["total"]))
     results = evaluate(model, tokenizer, specs)
     header = f"model {args.model}: {model_info['params']['total']:,} parameters"
     if "sparsity" in model_info:
         header += f", {model_info['method']} at structural sparsity {model_info['sparsity']:.3f}"
+    if quantization is not None:
+        header += f", quantised {quantization.label}"
+    header += f"; weights {model_info['size_mib']:.1f} MiB, {model_info['bytes_per_param']:.2f} bytes/parameter"
     print(header)
     print(result_table(results))
     if args.json:
@@ -110,4 +129,7 @@ def run(args: argparse.Namespace) -> int:
             "results": {spec: {"metrics": r.metrics, "details": r.details} for spec, r in results.items()},
         }
         args.json.write_text(json.dumps(payload, indent=1, default=str))
+    if args.write_card:
+        card = write_model_card(path, read_record(path), {spec: r.metrics for spec, r in results.items()})
+        log.info("wrote the results into %s", card)
     return 0

@@ -18,6 +18,9 @@ from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.cli.arguments import int_at_least, parse_sparsities
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
 from gisp_plugin.data.loading import data_source, load_calibration
+from gisp_plugin.deploy.padding import default_pad_to
+from gisp_plugin.deploy.quantize import CHOICES, QuantChoice, check_quantization, quantization_info, quantize_model
+from gisp_plugin.deploy.size import weights_bytes
 from gisp_plugin.inputs import check_attention, check_device, check_seqlen, context_limit, folder_context_limit
 from gisp_plugin.methods.api import MethodSpec
 from gisp_plugin.methods.options import options_to_dict, parse_assignments
@@ -43,6 +46,16 @@ def add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seqlen", type=int_at_least(2), default=None, help="tokens per calibration sequence")
 
 
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quantize",
+        "-q",
+        default=None,
+        metavar="QUANT",
+        help=f"quantise with torchao after pruning: {', '.join(CHOICES)} (int4wo:group_size=N); CPU runs int8wo, int8dq",
+    )
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("prune", help="prune a model to one or more sparsities and save compacted models")
     add_model_arguments(parser)
@@ -54,9 +67,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--pad-to",
         type=int_at_least(1),
-        default=1,
-        help="round MLP widths up to a multiple with inert zero channels (64 suits GPUs)",
+        default=None,
+        help="round MLP widths up to a multiple with inert zero channels (default: 64 on CUDA, 1 = none elsewhere)",
     )
+    add_quantize_argument(parser)
     parser.add_argument("--trajectory-only", action="store_true", help="write only the trajectory (nested methods)")
     parser.add_argument(
         "--recover-steps",
@@ -113,6 +127,7 @@ def run_request(args: argparse.Namespace, parsed, targets, request: CalibrationR
         "seed": args.seed,
         "dtype": str(parse_dtype(args.dtype)).removeprefix("torch."),
         "pad_to": args.pad_to,
+        "quantize": args.quantize,
         "trajectory_only": args.trajectory_only,
         "recover_steps": args.recover_steps,
         "recovery_data": recovery.label if recovery else None,
@@ -130,6 +145,8 @@ def check_inputs(args: argparse.Namespace) -> tuple:
     check_device(args.device)
     check_attention(args.attn)
     request = calibration_request(spec, args)
+    quantization = check_quantization(args.quantize, args.device, args.dtype)
+    args.pad_to = default_pad_to(args.device, args.pad_to)
     recovery = recovery_request(request, args)
     limit = folder_context_limit(args.model) if Path(args.model).expanduser().is_dir() else None
     for what, data in (("calibration", request), ("recovery", recovery)):
@@ -137,11 +154,11 @@ def check_inputs(args: argparse.Namespace) -> tuple:
             data_source(data.source)  # an unknown name or a missing file fails here
             check_seqlen(what, data.seqlen, limit, args.model)
     folder = open_run_folder(args.out, run_request(args, parsed, targets, request, recovery), args.overwrite)
-    return options, spec, parsed, targets, request, recovery, folder
+    return options, spec, parsed, targets, request, recovery, quantization, folder
 
 
 def run(args: argparse.Namespace) -> int:
-    options, spec, parsed, targets, request, recovery, folder = check_inputs(args)  # before loading anything
+    options, spec, parsed, targets, request, recovery, quantization, folder = check_inputs(args)  # before loading anything
     model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn)
     check_run(model, args.method, targets, options, request)  # reach of the targets, context, finite weights
     if recovery is not None:
@@ -149,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     recovery_data = load_calibration(recovery, tokenizer) if recovery is not None else None
     folder.start()
     try:
-        summary = prune_into(args, folder, spec, parsed, model, tokenizer, targets, options, request, recovery_data)
+        summary = prune_into(args, folder, spec, parsed, model, tokenizer, targets, options, request, recovery_data, quantization)
     except BaseException:
         folder.abandon_if_empty()  # a run that failed before any result leaves no folder that blocks the next
         raise
@@ -169,6 +186,7 @@ def prune_into(
     options: dict[str, str],
     request: CalibrationRequest | None,
     recovery_data: CalibrationSet | None,
+    quantization: QuantChoice | None,
 ) -> list[dict[str, Any]]:
     """Run the method and write every compacted model (and the trajectory) into the run folder."""
     out: Path = folder.path
@@ -183,6 +201,8 @@ def prune_into(
                 report = RecoveryReport()
                 recover(compact, tokenizer, recovery_data, RecoveryOptions(steps=args.recover_steps, seed=args.seed), report)
                 subnetwork.info["recovery"] = {"steps": args.recover_steps, "data": recovery_data.name, "losses": report.losses}
+            if quantization is not None:
+                quantize_model(compact, quantization)
             record = pruning_record(
                 args.model,
                 args.method,
@@ -193,8 +213,13 @@ def prune_into(
                 request.label if request else None,
                 args.seed,
             )
-            saved = save_pruned(compact, tokenizer, out / f"{args.method}-s{subnetwork.target:.2f}", record)
+            record.info["pad_to"] = args.pad_to
+            if quantization is not None:
+                record.info["quantization"] = quantization_info(quantization)
+            name = f"{args.method}-s{subnetwork.target:.2f}" + (f"-{quantization.slug}" if quantization else "")
+            saved = save_pruned(compact, tokenizer, out / name, record)
             line.update(folder=str(folder.final_path(saved)), sparsity=round(record.sparsity, 5), params=params)
+            line["weights_mib"] = round(weights_bytes(saved) / 2**20, 3)
             del compact
         line["elapsed_s"] = round(time.perf_counter() - started, 2)
         summary.append(line)

@@ -55,12 +55,14 @@ class ComparisonConfig:
     dtype: str = "float32"
     seed: int = 0
     save_models: bool = False
-    pad_to: int = 1
+    pad_to: int | None = None  # None: 64 on CUDA, 1 (no padding) elsewhere
+    quantize: list[str] = field(default_factory=list)  # METHOD:QUANT rows, e.g. gisp:int8wo, dense:int8wo
 
     def __post_init__(self) -> None:
         """Check every field's type and range (a config file may hold anything), normalising lists."""
         self.model = check_text("model", self.model)
         self.methods = check_name_list("methods", self.methods)  # empty: every registered method
+        self.quantize = check_name_list("quantize", self.quantize)
         if not isinstance(self.method_options, dict):
             raise ConfigError(
                 f"method_options must map method names to options, e.g. {{gisp: {{steps: 4}}}}; got {self.method_options!r}"
@@ -84,7 +86,8 @@ class ComparisonConfig:
         check_int("n_samples", self.n_samples, 1)
         check_int("seqlen", self.seqlen, 2)
         check_int("seed", self.seed, 0)
-        check_int("pad_to", self.pad_to, 1)
+        if self.pad_to is not None:
+            check_int("pad_to", self.pad_to, 1)
         self.device = check_text("device", self.device)
         try:
             torch.device(self.device)

@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from gisp_plugin.harness.size_report import SIZE_METRICS, size_section
 from gisp_plugin.harness.uncertainty import is_stderr, metric_text, stderr_name
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ def headline_metrics(rows: list[Row]) -> list[str]:
 
 
 def detail_metrics(rows: list[Row]) -> list[str]:
-    return sorted(n for n in _names(rows) if not n.startswith(HEADLINE_PREFIXES))
+    return sorted(n for n in _names(rows) if not n.startswith(HEADLINE_PREFIXES) and n not in SIZE_METRICS)
 
 
 def row_line(row: Row, seconds: float | None = None, cached: bool = False) -> str:
@@ -49,7 +50,7 @@ def _method_order(rows: list[Row]) -> list[str]:
 def _pivot(rows: list[Row], metric: str) -> list[str]:
     """Methods x sparsities for one metric, the dense value in its own column."""
     dense = next((r for r in rows if r.method == "dense"), None)
-    targets = sorted({r.target for r in rows if r.method != "dense"})
+    targets = sorted({r.target for r in rows if r.target > 0})
     lines = [
         f"| method | dense | {' | '.join(f'{t:.0%}' for t in targets)} |",
         "|---|---|" + "---|" * len(targets),
@@ -57,7 +58,8 @@ def _pivot(rows: list[Row], metric: str) -> list[str]:
     for method in _method_order(rows):
         by_target = {r.target: r for r in rows if r.method == method}
         cells = [metric_text(by_target[t].metrics, metric) if t in by_target else "-" for t in targets]
-        lines.append(f"| {method} | {metric_text(dense.metrics, metric) if dense else '-'} | {' | '.join(cells)} |")
+        own_dense = by_target.get(0.0, dense)  # a quantised dense row (dense+int8wo) fills its own dense cell
+        lines.append(f"| {method} | {metric_text(own_dense.metrics, metric) if own_dense else '-'} | {' | '.join(cells)} |")
     return lines
 
 
@@ -78,8 +80,9 @@ def markdown(result: ComparisonResult) -> str:
     for metric in headline_metrics(rows):
         out += [f"## {metric}", "", *_pivot(rows, metric), ""]
     out += ["## Achieved sparsity", "", "| method | target | achieved |", "|---|---|---|"]
-    out += [f"| {r.method} | {r.target:.2f} | {r.sparsity:.4f} |" for r in rows if r.method != "dense"]
+    out += [f"| {r.method} | {r.target:.2f} | {r.sparsity:.4f} |" for r in rows if r.target > 0]
     out.append("")
+    out += size_section(rows, headline_metrics(rows))
     details = detail_metrics(rows)
     if details:
         out += ["## Per-task detail", "", f"| method | sparsity | {' | '.join(details)} |", "|---|---|" + "---|" * len(details)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,12 @@ import torch
 
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
-from gisp_plugin.checkpoint.saving import save_pruned
+from gisp_plugin.checkpoint.saving import count_params, save_pruned
 from gisp_plugin.data.api import CalibrationRequest
 from gisp_plugin.data.loading import data_source, load_calibration
+from gisp_plugin.deploy.padding import default_pad_to
+from gisp_plugin.deploy.quantize import QuantChoice, parse_row_quantizations, quantization_info, quantized_copy
+from gisp_plugin.deploy.size import serialized_bytes, size_metrics
 from gisp_plugin.evaluation.specs import EvalSpec, check_spec_inputs, parse_eval_specs, run_spec
 from gisp_plugin.harness.cache import ResultCache
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
@@ -135,10 +139,28 @@ class Comparison:
         self.specs: list[EvalSpec] = parse_eval_specs(config.evals)
         check_device(config.device)
         self._check_data(folder_context_limit(config.model) if Path(config.model).expanduser().is_dir() else None, True)
+        self.quantize = parse_row_quantizations(config.quantize, list(self.methods), config.device, config.dtype)
+        self.pad_to = default_pad_to(config.device, config.pad_to)
         check_results_folder(out, config)
         self.model, self.tokenizer = load_model(config.model, config.device, config.dtype)
         self._check_data(context_limit(self.model.config), False)  # a hub model's context is known only now
+        self._keep_applicable_methods()
         self._calibration = None
+
+    def _keep_applicable_methods(self) -> None:
+        """Every named method must apply to the model (REAP needs routed experts); when no method is named,
+        the registered ones that do not apply are left out, with a log line."""
+        anatomy = adapter_for(self.model).anatomy(self.model)
+        for name, parsed in list(self.methods.items()):
+            spec = resolve_method(name, self.config.method_options.get(name, {}))[0]
+            try:
+                if spec.max_sparsity is not None:
+                    spec.max_sparsity(anatomy, parsed)
+            except ValueError as err:
+                if self.config.methods:
+                    raise ConfigError(f"method {name!r} does not apply to {self.config.model!r}: {err}") from None
+                log.info("leaving out %s: %s", name, err)
+                del self.methods[name]
 
     def _needs_data(self, method: str) -> bool:
         return resolve_method(method, self.config.method_options.get(method, {}))[0].calibration is not None
@@ -179,6 +201,21 @@ class Comparison:
             metrics.update(entry["metrics"])
             details[spec.text] = entry["details"]
         return metrics, details, cached
+
+    def size(self, model, key: dict[str, Any]) -> dict[str, float]:
+        """Size of the saved weights (safetensors tensors) and bytes per parameter; cached like the evaluations."""
+        size_key = {**key, "size": "safetensors"}
+        entry = self.cache.get("size", size_key)
+        if entry is None:
+            entry = size_metrics(serialized_bytes(model), count_params(model)["total"])
+            self.cache.put("size", size_key, entry)
+        return entry
+
+    def variants(self, method: str, model) -> Iterator[tuple[QuantChoice | None, Any]]:
+        """The model itself, then a quantised copy for each quantisation asked for ``method``."""
+        yield None, model
+        for choice in self.quantize.get(method, []):
+            yield choice, quantized_copy(model, choice)
 
     def prune(self, method: str) -> tuple[list[Subnetwork], MethodCost]:
         key = self.prune_key(method)
@@ -221,8 +258,29 @@ class Comparison:
         )
         return subnetworks, cost
 
+    def save(self, method: str, subnetwork: Subnetwork, model, params: dict[str, int], choice: QuantChoice | None, row: Row):
+        """Save a compared model with its record and a model card holding its results."""
+        record = pruning_record(
+            self.config.model,
+            method,
+            self.methods[method],
+            subnetwork,
+            model,
+            params,
+            self.calibration().name if self._calibration else None,
+            self.config.seed,
+        )
+        record.info["pad_to"] = self.pad_to
+        name = f"{method}-s{subnetwork.target:.2f}"
+        if choice is not None:
+            record.info["quantization"] = quantization_info(choice)
+            name += f"-{choice.slug}"
+        results = {f"gisp compare ({', '.join(self.config.evals)})": row.metrics}
+        save_pruned(model, self.tokenizer, self.out / "models" / name, record, results)
+
     def run(self, progress: ComparisonProgress | None = None) -> ComparisonResult:
-        """Evaluate the dense model, then prune with every method and evaluate every subnetwork.
+        """Evaluate the dense model, then prune with every method and evaluate every subnetwork, each
+        also quantised as asked (``METHOD:QUANT`` rows).
 
         ``progress`` shows rows done, the step running and one line per finished row (default: log lines).
         """
@@ -235,13 +293,19 @@ class Comparison:
         )
         rows, costs = [], []
         targets = ", ".join(f"{t:.0%}" for t in self.targets)
-        progress.start(1 + len(self.methods) * len(self.targets))
+        n_rows = 1 + len(self.quantize.get("dense", []))
+        n_rows += sum((1 + len(self.quantize.get(m, []))) * len(self.targets) for m in self.methods)
+        progress.start(n_rows)
         try:
             progress.stage("dense: evaluating")
             started = time.perf_counter()
-            metrics, details, cached = self.evaluate(self.model, {**self.base_key(), "method": "dense"})
-            rows.append(Row("dense", 0.0, 0.0, metrics, details))
-            progress.row_done(row_line(rows[-1], time.perf_counter() - started, cached))
+            for choice, model in self.variants("dense", self.model):
+                key = {**self.base_key(), "method": "dense", **({"quantize": choice.label} if choice else {})}
+                metrics, details, cached = self.evaluate(model, key)
+                metrics.update(self.size(model, key))
+                rows.append(Row(_row_name("dense", choice), 0.0, 0.0, metrics, details))
+                progress.row_done(row_line(rows[-1], time.perf_counter() - started, cached))
+                started = time.perf_counter()
             for method in self.methods:
                 progress.stage(f"{method} {targets}: pruning")
                 subnetworks, cost = self.prune(method)
@@ -249,31 +313,31 @@ class Comparison:
                 for subnetwork in subnetworks:
                     progress.stage(f"{method} {subnetwork.target:.0%}: evaluating")
                     started = time.perf_counter()
-                    compact, params = compact_subnetwork(self.model, subnetwork, self.config.pad_to)
+                    compact, params = compact_subnetwork(self.model, subnetwork, self.pad_to)
                     sparsity = 1 - params["decoder"] / params["decoder_dense"]
-                    metrics, details, cached = self.evaluate(compact, {**self.prune_key(method), "target": subnetwork.target})
-                    rows.append(Row(method, subnetwork.target, sparsity, metrics, details))
-                    progress.row_done(row_line(rows[-1], time.perf_counter() - started, cached))
-                    if self.config.save_models:
-                        self._save(method, subnetwork, compact, params)
+                    for choice, model in self.variants(method, compact):
+                        key = {
+                            **self.prune_key(method),
+                            "target": subnetwork.target,
+                            **({"quantize": choice.label} if choice else {}),
+                        }
+                        metrics, details, cached = self.evaluate(model, key)
+                        metrics.update(self.size(model, key))
+                        rows.append(Row(_row_name(method, choice), subnetwork.target, sparsity, metrics, details))
+                        progress.row_done(row_line(rows[-1], time.perf_counter() - started, cached))
+                        started = time.perf_counter()
+                        if self.config.save_models:
+                            self.save(method, subnetwork, model, params, choice, rows[-1])
+                        del model
                     del compact
         finally:
             progress.close()
         eval_settings = {spec.text: rows[0].details.get(spec.text, {}) for spec in self.specs}
         return ComparisonResult(self.config, rows, costs, eval_settings)
 
-    def _save(self, method: str, subnetwork: Subnetwork, compact, params: dict[str, int]) -> None:
-        record = pruning_record(
-            self.config.model,
-            method,
-            self.methods[method],
-            subnetwork,
-            compact,
-            params,
-            self.calibration().name if self._calibration else None,
-            self.config.seed,
-        )
-        save_pruned(compact, self.tokenizer, self.out / "models" / f"{method}-s{subnetwork.target:.2f}", record)
+
+def _row_name(method: str, choice: QuantChoice | None) -> str:
+    return method if choice is None else f"{method}+{choice.label}"
 
 
 def run_comparison(

@@ -256,8 +256,9 @@ def test_reap_on_a_dense_model_is_refused_before_calibration(tmp_path, tokenizer
     from gisp_plugin.cli import main
     from tests.tiny import tiny_folder
 
-    model_dir, _ = tiny_folder(tmp_path, "llama", tokenizer)
+    model_dir, text = tiny_folder(tmp_path, "llama", tokenizer)
     args = ["prune", "--model", str(model_dir), "--method", "reap", "--sparsity", "0.3", "--out", str(tmp_path / "out")]
+    args += ["--calibration", f"file:{text}", "--n-samples", "4", "--seqlen", "16"]
     assert main(args) == 2
     assert "reap prunes routed experts; this llama model has none" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -279,3 +280,22 @@ def test_reap_removes_the_lowest_saliency_experts_of_every_layer(family):
         kept = [e for e, units in enumerate(readers) if bool(flags[list(units)].all())]
         assert len(removed) + len(kept) == len(readers) and removed
         assert float(saliency[removed].max()) <= float(saliency[kept].min())
+
+
+def test_compare_leaves_out_methods_that_do_not_apply_unless_named(tmp_path, tokenizer):
+    from gisp_plugin.harness.config import ComparisonConfig, ConfigError
+    from gisp_plugin.harness.runner import Comparison
+    from tests.tiny import tiny_folder
+
+    model_dir, text = tiny_folder(tmp_path, "llama", tokenizer)
+    values = {
+        "model": str(model_dir),
+        "evals": [f"perplexity:source=file:{text},seqlen=16"],
+        "calibration": f"file:{text}",
+        "n_samples": 4,
+        "seqlen": 16,
+    }
+    every = Comparison(ComparisonConfig.from_mapping(values), tmp_path / "all")
+    assert "reap" not in every.methods and {"gisp", "wanda_sp", "flap", "magnitude"} <= set(every.methods)
+    with pytest.raises(ConfigError, match="method 'reap' does not apply to .*has none"):
+        Comparison(ComparisonConfig.from_mapping({**values, "methods": ["gisp", "reap"]}), tmp_path / "named")

@@ -1,0 +1,1 @@
+"""Shipping a pruned model: torchao quantisation, the model card, sizes on disk, pushing to the Hub."""
