@@ -13,27 +13,9 @@ import sys
 
 import pytest
 
+from tests.evaluation.test_lm_eval_bridge import TINY_TASK as TASK
 from tests.tiny import tiny_folder
 
-TASK = """task: tiny_mc
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    validation: {data}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: "{{{{choices}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
 WORDS = ("structured", "pruning", "removes", "attention", "heads", "channels", "from", "a", "language", "model")
 ROW = re.compile(r"^(dense|\w+ @ \d+%).*\((evaluated in \d+ s|cached)\)$")  # a finished row's line
 LIBRARY_NOISE = ("Running loglikelihood requests", "Building contexts", "Selected tasks", "Loading weights", "INFO ")
