@@ -84,7 +84,7 @@ def measure_row(name: str, target: float, quant: str, model, tokenizer, folder: 
     """Perplexity, size on disk and speed of one saved model."""
     started = time.perf_counter()
     (result,) = evaluate(model, tokenizer, [args.eval]).values()
-    (ppl,) = result.metrics.values()
+    (ppl,) = (value for key, value in result.metrics.items() if key.startswith("ppl["))  # not its ppl_stderr
     timing = argparse.Namespace(batch=args.batch, seqlen=args.prefill_len, repeats=args.repeats, decode_tokens=args.decode_tokens)
     speed = measure(model, timing)
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
