@@ -108,13 +108,14 @@ def _experts(
         live = rows.alive(flags).nonzero().flatten().tolist()
         stacked = {s.path for s in kind.owned if s.stacked}
         experts_path = {path.rsplit(".", 1)[0] for path in stacked}.pop()
-        widths = None
+        down = next(s.path for s in kind.owned if s.stacked and s.axis == 2)  # [E, H, I]: the input columns
+        widths = []
         for path in sorted(stacked):
             pieces = cut_stacked(state.pop(path), cuts.pop(path), live)
             tensor_name = path.rsplit(".", 1)[1]
             for j, piece in enumerate(pieces):
                 state[f"{experts_path}.{j}.{tensor_name}.weight"] = piece
-            if tensor_name.startswith("down"):
+            if path == down:
                 widths = [piece.shape[1] for piece in pieces]
         router = layer_module.get_submodule(kind.router)
         hidden = state[rows.slice.path].shape[1]
