@@ -1,0 +1,1 @@
+"""Running one job across the ranks of a ``torchrun`` launch (see ``context``)."""

@@ -1,0 +1,100 @@
+"""Who this process is in a ``torchrun`` job, and how work is split between ranks.
+
+``torchrun --nproc-per-node N -m gisp_plugin prune ...`` starts N processes with ``RANK``, ``LOCAL_RANK``
+and ``WORLD_SIZE`` in their environment; ``init_distributed`` joins them into one process group (NCCL on
+GPUs, gloo on CPU). Outside torchrun nothing is initialised and ``current_setup()`` is the single
+process: rank 0 of 1. Every method sees the same ``DistributedSetup``, so a method's code is the same
+with one rank or many: it calibrates on ``shard_range`` of the data and sums its statistics over ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gisp_plugin.inputs import InputError
+
+
+@dataclass(frozen=True)
+class DistributedSetup:
+    """This process's place in the job. ``fsdp``: decoder layers are sharded with FSDP2 ``fully_shard``."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    backend: str | None = None
+    fsdp: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether collectives are needed (more than one rank)."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only rank that writes outputs and prints results."""
+        return self.rank == 0
+
+    def record(self) -> dict[str, Any]:
+        """What ``pruning.json`` says of the setup."""
+        return {"world_size": self.world_size, "backend": self.backend, "fsdp": self.fsdp}
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by ``torchrun`` (or another launcher setting its variables)."""
+    return all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def current_setup(fsdp: bool = False) -> DistributedSetup:
+    """The setup of the initialised process group, or the single process when there is none."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistributedSetup(fsdp=fsdp)
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return DistributedSetup(dist.get_world_size(), dist.get_rank(), local_rank, dist.get_backend(), fsdp)
+
+
+def backend_for(device: str) -> str:
+    """NCCL for CUDA devices, gloo for everything else."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def init_distributed(device: str, fsdp: bool = False) -> DistributedSetup:
+    """Join the ``torchrun`` process group when launched by it (idempotent); otherwise the single process.
+
+    On CUDA each rank takes the GPU ``LOCAL_RANK``. The returned setup's ``device`` choice is the
+    caller's: ``device_for(setup, device)``.
+    """
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        if fsdp:
+            raise InputError("--fsdp shards the model across ranks: launch with torchrun --nproc-per-node N (N >= 2)")
+        return DistributedSetup()
+    if not dist.is_initialized():
+        backend = backend_for(device)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(backend)
+    return current_setup(fsdp)
+
+
+def device_for(setup: DistributedSetup, device: str) -> str:
+    """The device this rank computes on: ``cuda:LOCAL_RANK`` for a bare ``cuda`` under torchrun."""
+    if setup.enabled and device == "cuda":
+        return f"cuda:{setup.local_rank}"
+    return device
+
+
+def shard_range(n: int, setup: DistributedSetup) -> range:
+    """This rank's contiguous share of ``n`` items, in order: rank r takes ``[n*r//W, n*(r+1)//W)``.
+
+    Contiguous and in rank order, so concatenating the ranks' shards gives the whole set in its own
+    order (order-dependent statistics can be rebuilt exactly).
+    """
+    if setup.world_size > n:
+        raise InputError(
+            f"{n} calibration samples cannot be split across {setup.world_size} ranks; give at least {setup.world_size}"
+        )
+    return range(n * setup.rank // setup.world_size, n * (setup.rank + 1) // setup.world_size)
