@@ -1,4 +1,8 @@
-"""The ``gisp`` command line: one subcommand per module in ``COMMANDS``."""
+"""The ``gisp`` command line: one subcommand per module in ``COMMANDS``.
+
+``python -m gisp_plugin`` is the same command, which is how ``torchrun --nproc-per-node N -m gisp_plugin
+prune ...`` runs one job on N ranks (see ``gisp_plugin.distributed``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from typing import NoReturn
 
 from gisp_plugin.cli.console import configure_logging
 from gisp_plugin.deploy.import_noise import quiet_torchao_import
+from gisp_plugin.distributed.context import is_main_process
+from gisp_plugin.distributed.failures import error_line, sigterm_raises
 
 COMMANDS = (
     "gisp_plugin.cli.methods_cmd",
@@ -50,22 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, getattr(args, "own_log_level", logging.INFO))
     quiet_torchao_import(not args.verbose)
     try:
-        return args.run(args) or 0
+        with sigterm_raises():  # under torchrun: another rank's failure stops this one through the same cleanup
+            return args.run(args) or 0
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
-    except (ValueError, LookupError, OSError) as err:  # every user-facing error type of the package derives from these
-        if args.verbose:
-            raise
-        print(f"gisp {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"gisp {args.command}: interrupted; finished results are kept", file=sys.stderr)
+        if is_main_process():
+            print(f"gisp {args.command}: interrupted; finished results are kept", file=sys.stderr)
         return 130
-    except Exception as err:  # a failure no check foresaw: still one line, the traceback with -v
+    except Exception as err:
         if args.verbose:
             raise
-        print(f"gisp {args.command}: error: {_unforeseen(err)} (run with -v for the traceback)", file=sys.stderr)
-        return 1
+        expected = isinstance(err, (ValueError, LookupError, OSError))  # every user-facing error type derives from these
+        message = _one_line(err) if expected else f"{_unforeseen(err)} (run with -v for the traceback)"
+        line = error_line(args.command, message, err)  # under torchrun: one line on rank 0, not one per rank
+        if line is not None:
+            print(line, file=sys.stderr)
+        return 2 if expected else 1
 
 
 def _one_line(err: BaseException) -> str:
