@@ -131,8 +131,8 @@ class ChannelStats:
         """
         if not self._mergeable_reference:
             raise ValueError(
-                "the reference fluctuation is defined for sequences added in order, not for statistics merged from "
-                "several parts (data-parallel ranks); use fluctuation=exact"
+                "the reference fluctuation is defined for sequences added in order, not for merged statistics "
+                "(of several parts, such as data-parallel ranks); use fluctuation=exact"
             )
         if self.n_sequences < 2:
             raise ValueError(f"the reference fluctuation needs at least 2 sequences, have {self.n_sequences}")
