@@ -1,7 +1,9 @@
 """The ``gisp`` command line: one subcommand per module in ``COMMANDS``.
 
 ``python -m gisp_plugin`` is the same command, which is how ``torchrun --nproc-per-node N -m gisp_plugin
-prune ...`` runs one job on N ranks (see ``gisp_plugin.distributed``).
+prune ...`` runs one job on N ranks (see ``gisp_plugin.distributed``). Under torchrun, ``prune`` and
+``compare`` run on every rank (data parallel); the other commands run on rank 0 alone, the other ranks
+exit at once, so nothing is evaluated, written or pushed twice.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import NoReturn
 
 from gisp_plugin.cli.console import configure_logging
 from gisp_plugin.deploy.import_noise import quiet_torchao_import
-from gisp_plugin.distributed.context import is_main_process
+from gisp_plugin.distributed.context import is_main_process, launch_rank
 from gisp_plugin.distributed.failures import error_line, sigterm_raises
 
 COMMANDS = (
@@ -32,6 +34,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with a two-line error (what was wrong, where the usage is) instead of the whole usage."""
 
     def error(self, message: str) -> NoReturn:
+        if launch_rank() != 0:  # under torchrun every rank parses the same command line: rank 0 says it once
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
 
 
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a malformed command line already explained by argparse
         return exit_.code if isinstance(exit_.code, int) else 2
+    if launch_rank() != 0 and not getattr(args, "data_parallel", False):
+        return 0  # under torchrun only prune and compare run on every rank; rank 0 runs the others alone
     configure_logging(args.verbose, getattr(args, "own_log_level", logging.INFO))
     quiet_torchao_import(not args.verbose)
     try:

@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(  # also after the subcommand; SUPPRESS keeps `gisp -v compare` working
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show every log line and progress bar"
     )
-    parser.set_defaults(run=run, own_log_level=logging.WARNING)  # the progress display says what runs
+    parser.set_defaults(run=run, own_log_level=logging.WARNING, data_parallel=True)  # the progress display says what runs
 
 
 def build_config(args: argparse.Namespace) -> ComparisonConfig:

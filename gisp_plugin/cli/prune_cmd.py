@@ -91,7 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an --out folder that holds another run (swapped in when complete)"
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, data_parallel=True)
 
 
 def _given(value, default):

@@ -118,9 +118,17 @@ def leave_distributed() -> None:
 
 
 def device_for(setup: DistributedSetup, device: str) -> str:
-    """The device this rank computes on: ``cuda:LOCAL_RANK`` for a bare ``cuda`` under torchrun."""
+    """The device this rank computes on: ``cuda:LOCAL_RANK`` for a bare ``cuda`` under torchrun.
+
+    A numbered GPU (``cuda:0``) would put every rank of a node on that one GPU: refused, naming ``cuda``.
+    """
     if setup.enabled and device == "cuda":
         return f"cuda:{setup.local_rank}"
+    if setup.enabled and device.startswith("cuda:") and int(os.environ.get("LOCAL_WORLD_SIZE", setup.world_size)) > 1:
+        raise InputError(
+            f"--device {device} would put every rank of this node on one GPU; give --device cuda "
+            "(each rank takes cuda:LOCAL_RANK), and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     return device
 
 

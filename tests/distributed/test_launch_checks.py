@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from gisp_plugin.cli import main
-from gisp_plugin.distributed.context import launch_setup
+from gisp_plugin.distributed.context import device_for, launch_setup
 from gisp_plugin.distributed.failures import JobStopped, error_line
 from gisp_plugin.pruning import resolve_method
 
@@ -67,3 +67,20 @@ def test_other_ranks_report_only_their_own_failures(rank):
     assert error_line("prune", "ignored", JobStopped("torchrun stopped this rank")) is None
     missing = error_line("prune", "no such file /data/x", FileNotFoundError("no such file /data/x"))
     assert missing == "gisp prune: error: [rank 2] no such file /data/x"  # a problem of this rank's node
+
+
+def test_a_numbered_gpu_for_every_rank_is_refused_and_a_bare_cuda_is_split(rank):
+    rank(3)
+    assert device_for(launch_setup(), "cuda") == "cuda:3"
+    assert device_for(launch_setup(), "cpu") == "cpu"
+    with pytest.raises(ValueError, match="--device cuda:0 would put every rank of this node on one GPU; give --device cuda"):
+        device_for(launch_setup(), "cuda:0")
+
+
+def test_commands_that_do_not_split_run_on_rank_0_alone(rank, capsys):
+    rank(1)
+    assert main(["methods"]) == 0
+    assert capsys.readouterr().out == ""  # rank 1 left at once
+    rank(0)
+    assert main(["methods"]) == 0
+    assert "gisp" in capsys.readouterr().out
