@@ -21,6 +21,7 @@ from gisp_plugin.checkpoint.saving import PruningRecord, count_params
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
 from gisp_plugin.data.loading import load_calibration
+from gisp_plugin.distributed.context import DistributedSetup
 from gisp_plugin.finite import check_finite_tensors, check_finite_weights
 from gisp_plugin.inputs import check_int, check_seqlen, context_limit
 from gisp_plugin.masking.masked_model import MaskedModel
@@ -203,8 +204,10 @@ def pruning_record(
     params: dict[str, int],
     calibration: str | None,
     seed: int,
+    distributed: DistributedSetup | None = None,
 ) -> PruningRecord:
-    """The record saved beside a compacted model (sparsity here counts the real tensors)."""
+    """The record saved beside a compacted model (sparsity here counts the real tensors); ``distributed``
+    is the setup that pruned it (default: one process)."""
     return PruningRecord(
         base_model=base_model,
         method=method,
@@ -217,4 +220,5 @@ def pruning_record(
         calibration=calibration,
         seed=seed,
         info={"structural_sparsity": subnetwork.sparsity, **subnetwork.info},
+        distributed=(distributed or DistributedSetup()).record(),
     )

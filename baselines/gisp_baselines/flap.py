@@ -60,6 +60,7 @@ from gisp_baselines.walk import layer_walk, stats_by_kind
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.calibration.sequential import LayerStatistics
 from gisp_plugin.calibration.statistics import ChannelStats
+from gisp_plugin.distributed.context import launch_setup
 from gisp_plugin.importance.allocation import Scores, prune_lowest_globally
 from gisp_plugin.importance.uniform import keep_lowest, ratio_for_target, singleton_groups, take_layer
 from gisp_plugin.methods.api import CalibrationDefaults, MethodSpec, PruningJob, Subnetwork
@@ -81,6 +82,11 @@ class FlapOptions:
     def __post_init__(self) -> None:  # checked when the options are parsed, before any model is loaded
         if self.batch_size < 1:
             raise ValueError(f"flap option batch_size must be >= 1, got {self.batch_size}")
+        if self.fluctuation == "reference" and launch_setup().enabled:
+            raise ValueError(
+                "flap option fluctuation='reference' follows every calibration sequence in order, which ranks that "
+                "each calibrate a share of the data cannot rebuild; use fluctuation=exact under torchrun"
+            )
         if self.propagate == "pruned" and self.structure != "UL-UM":
             raise ValueError(
                 f"flap option propagate='pruned' needs structure='UL-UM' (got {self.structure!r}): "

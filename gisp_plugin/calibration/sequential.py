@@ -14,6 +14,11 @@ on the outputs of the already pruned layers before it (Wanda-sp); ``propagate="d
 outputs of the statistics pass (FLAP, whose global decision needs every layer's statistics first).
 Peak memory is one layer's activations for the whole calibration set plus one batch's intermediates,
 whatever the depth of the model (``benchmarks/calibration_memory.py`` measures it).
+
+Data parallel (under ``torchrun``): each rank walks the layers on its contiguous share of the calibration
+set, and a layer's statistics are merged over the ranks, in rank order, before they are handed to the
+caller (``merged_over_ranks``): every rank sees the statistics of the whole set and takes the same decision,
+so the masks a caller applies between layers (Wanda-sp) are the same on every rank.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from tqdm import tqdm
 from gisp_plugin.calibration.recorder import InputStatsRecorder, batch_size_for
 from gisp_plugin.calibration.statistics import ChannelStats
 from gisp_plugin.data.api import CalibrationSet
+from gisp_plugin.distributed.context import current_setup
+from gisp_plugin.distributed.data_parallel import merged_over_ranks, rank_share
 
 log = logging.getLogger(__name__)
 
@@ -194,18 +201,20 @@ class SequentialCalibration:
             del output
 
     def __iter__(self) -> Iterator[LayerStatistics]:
+        setup = current_setup()
+        share, _ = rank_share(self.calibration, setup=setup)
         with torch.no_grad():
-            inputs = capture_layer_inputs(self.model, self.layers, self.calibration, self.batch_size, self.pad_token_id)
+            inputs = capture_layer_inputs(self.model, self.layers, share, self.batch_size, self.pad_token_id)
         self._held = inputs.nbytes()
         self.peak_bytes = max(self.peak_bytes, self._held)
         log.debug("sequential calibration holds %.1f MB of layer inputs", self._held / 2**20)
-        for index in tqdm(range(len(self.layers)), desc="calibrating layers", disable=not self.progress):
+        for index in tqdm(range(len(self.layers)), desc="calibrating layers", disable=not (self.progress and setup.is_main)):
             layer = self.layers[index]
             # a model may mix dense and mixture-of-experts layers: each layer records the paths it has
             modules = {path: layer.get_submodule(path) for path in self.module_paths if _has_submodule(layer, path)}
             with torch.no_grad(), InputStatsRecorder(modules, self.routed_paths) as recorder:
                 self._run_layer(inputs, index, replace=self.propagate == "dense", recorder=recorder)
-            yield LayerStatistics(index, layer, recorder.stats)
+            yield LayerStatistics(index, layer, merged_over_ranks(recorder.stats, inputs.hidden[0].device, setup))
             if self.propagate == "pruned" and index < len(self.layers) - 1:
                 with torch.no_grad():
                     self._run_layer(inputs, index, replace=True, recorder=None)

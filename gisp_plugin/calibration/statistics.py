@@ -130,7 +130,10 @@ class ChannelStats:
         and measures each against the mean so far instead of the final mean: not a constant factor.
         """
         if not self._mergeable_reference:
-            raise ValueError("the reference fluctuation is defined for sequences added in order, not for merged statistics")
+            raise ValueError(
+                "the reference fluctuation is defined for sequences added in order, not for merged statistics "
+                "(of several parts, such as data-parallel ranks); use fluctuation=exact"
+            )
         if self.n_sequences < 2:
             raise ValueError(f"the reference fluctuation needs at least 2 sequences, have {self.n_sequences}")
         return self._reference_sum / (self.n_sequences - 1)

@@ -78,7 +78,10 @@ class RunFolder:
         tmp.replace(self.path / RUN_FILE)
 
     def start(self) -> None:
-        """Claim the folder: ``run.json`` records the request before any result is written."""
+        """Claim the folder: ``run.json`` records the request before any result is written (when overwriting,
+        in a fresh staging folder: an earlier, interrupted overwrite's is removed first)."""
+        if self.staging:
+            shutil.rmtree(self.path, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self._write("running", [])
 
@@ -111,7 +114,8 @@ class RunFolder:
 def open_run_folder(out: str | Path, request: dict[str, Any], overwrite: bool = False) -> RunFolder:
     """Check ``out`` for a run of ``request`` and say where to write; refuse another run's folder.
 
-    Nothing is written here: the caller calls ``start()`` once everything else is checked.
+    Nothing is written here (under torchrun every rank checks, rank 0 alone writes): the caller calls
+    ``start()`` once everything else is checked.
     """
     out = check_output_folder(out, "--out folder")
     if not out.exists() or not any(out.iterdir()):
@@ -124,9 +128,7 @@ def open_run_folder(out: str | Path, request: dict[str, Any], overwrite: bool = 
     if not _looks_like_a_run(out):
         raise RunFolderError(f"--out folder {str(out)!r} is not empty and holds no gisp prune run; choose a new or empty folder")
     if overwrite:
-        staging = out.with_name(f".{out.name}.overwrite")
-        shutil.rmtree(staging, ignore_errors=True)  # an earlier, interrupted overwrite
-        return RunFolder(out, staging, request)
+        return RunFolder(out, out.with_name(f".{out.name}.overwrite"), request)
     if earlier is not None and earlier.get("format") == RUN_FORMAT:
         theirs = earlier.get("request", {})
         changed = sorted(k for k in set(theirs) | set(request) if theirs.get(k) != request.get(k))

@@ -22,6 +22,7 @@ import gisp_plugin
 from gisp_plugin.compaction import modeling_gisp_pruned
 from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
 from gisp_plugin.deploy.model_card import write_model_card
+from gisp_plugin.distributed.context import DistributedSetup
 from gisp_plugin.inputs import check_device
 from gisp_plugin.models.loading import ModelLoadError, check_weights, parse_dtype
 
@@ -48,6 +49,7 @@ class PruningRecord:
     calibration: str | None = None
     seed: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    distributed: dict[str, Any] = field(default_factory=lambda: DistributedSetup().record())  # world_size, backend, fsdp
     format: str = RECORD_FORMAT
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
     gisp_plugin_version: str = field(default_factory=lambda: gisp_plugin.__version__)
@@ -75,12 +77,16 @@ def save_pruned(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.copy(modeling_gisp_pruned.__file__, tmp / "modeling_gisp_pruned.py")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=1))
-    write_model_card(tmp, asdict(record), evaluations)
+    try:
+        model.save_pretrained(tmp)
+        shutil.copy(modeling_gisp_pruned.__file__, tmp / "modeling_gisp_pruned.py")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=1))
+        write_model_card(tmp, asdict(record), evaluations)
+    except BaseException:  # an error or a stop (Ctrl-C, torchrun's SIGTERM) mid-save leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)

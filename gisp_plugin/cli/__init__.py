@@ -1,4 +1,10 @@
-"""The ``gisp`` command line: one subcommand per module in ``COMMANDS``."""
+"""The ``gisp`` command line: one subcommand per module in ``COMMANDS``.
+
+``python -m gisp_plugin`` is the same command, which is how ``torchrun --nproc-per-node N -m gisp_plugin
+prune ...`` runs one job on N ranks (see ``gisp_plugin.distributed``). Under torchrun, ``prune`` and
+``compare`` run on every rank (data parallel); the other commands run on rank 0 alone, the other ranks
+exit at once, so nothing is evaluated, written or pushed twice.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from typing import NoReturn
 
 from gisp_plugin.cli.console import configure_logging
 from gisp_plugin.deploy.import_noise import quiet_torchao_import
+from gisp_plugin.distributed.context import is_main_process, launch_rank
+from gisp_plugin.distributed.failures import error_line, sigterm_raises
 
 COMMANDS = (
     "gisp_plugin.cli.methods_cmd",
@@ -26,6 +34,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with a two-line error (what was wrong, where the usage is) instead of the whole usage."""
 
     def error(self, message: str) -> NoReturn:
+        if launch_rank() != 0:  # under torchrun every rank parses the same command line: rank 0 says it once
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
 
 
@@ -47,25 +57,28 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:  # --help, or a malformed command line already explained by argparse
         return exit_.code if isinstance(exit_.code, int) else 2
+    if launch_rank() != 0 and not getattr(args, "data_parallel", False):
+        return 0  # under torchrun only prune and compare run on every rank; rank 0 runs the others alone
     configure_logging(args.verbose, getattr(args, "own_log_level", logging.INFO))
     quiet_torchao_import(not args.verbose)
     try:
-        return args.run(args) or 0
+        with sigterm_raises():  # under torchrun: another rank's failure stops this one through the same cleanup
+            return args.run(args) or 0
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
-    except (ValueError, LookupError, OSError) as err:  # every user-facing error type of the package derives from these
-        if args.verbose:
-            raise
-        print(f"gisp {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"gisp {args.command}: interrupted; finished results are kept", file=sys.stderr)
+        if is_main_process():
+            print(f"gisp {args.command}: interrupted; finished results are kept", file=sys.stderr)
         return 130
-    except Exception as err:  # a failure no check foresaw: still one line, the traceback with -v
+    except Exception as err:
         if args.verbose:
             raise
-        print(f"gisp {args.command}: error: {_unforeseen(err)} (run with -v for the traceback)", file=sys.stderr)
-        return 1
+        expected = isinstance(err, (ValueError, LookupError, OSError))  # every user-facing error type derives from these
+        message = _one_line(err) if expected else f"{_unforeseen(err)} (run with -v for the traceback)"
+        line = error_line(args.command, message, err)  # under torchrun: one line on rank 0, not one per rank
+        if line is not None:
+            print(line, file=sys.stderr)
+        return 2 if expected else 1
 
 
 def _one_line(err: BaseException) -> str:

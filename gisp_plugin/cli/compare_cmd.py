@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gisp_plugin.cli.arguments import int_at_least
 from gisp_plugin.cli.console import quiet_libraries
+from gisp_plugin.distributed.context import is_main_process
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
 from gisp_plugin.harness.progress import ComparisonProgress
 from gisp_plugin.harness.report import markdown, write_outputs
@@ -55,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(  # also after the subcommand; SUPPRESS keeps `gisp -v compare` working
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show every log line and progress bar"
     )
-    parser.set_defaults(run=run, own_log_level=logging.WARNING)  # the progress display says what runs
+    parser.set_defaults(run=run, own_log_level=logging.WARNING, data_parallel=True)  # the progress display says what runs
 
 
 def build_config(args: argparse.Namespace) -> ComparisonConfig:
@@ -92,12 +93,18 @@ def build_config(args: argparse.Namespace) -> ComparisonConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """One progress bar and one line per finished row on stderr (everything with -v), the table on stdout."""
+    """One progress bar and one line per finished row on stderr (everything with -v), the table on stdout.
+
+    Under torchrun (``torchrun --nproc-per-node N -m gisp_plugin compare ...``) the ranks prune together and
+    rank 0 alone evaluates, writes and prints (see ``gisp_plugin.harness.runner``).
+    """
     config = build_config(args)
     started = time.perf_counter()
-    progress = ComparisonProgress(bar=True, file=sys.stderr)
+    progress = ComparisonProgress(bar=is_main_process(), file=sys.stderr)
     with quiet_libraries(enabled=not getattr(args, "verbose", False)):
         result = run_comparison(config, args.out, progress)
+        if result is None:  # a rank other than 0 under torchrun: its share of the pruning is done
+            return 0
         paths = write_outputs(result, args.out)
     print(markdown(result))
     print(f"results in {args.out} ({', '.join(p.name for p in paths.values())}); {time.perf_counter() - started:.0f} s")

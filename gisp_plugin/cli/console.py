@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from gisp_plugin.distributed.context import launch_rank
+
 LOG_FORMAT = "%(levelname)s %(message)s"
 OWN_LOGGER = "gisp_plugin"
 # Loggers of the libraries the commands drive; quiet (errors only) unless -v.
@@ -40,10 +42,19 @@ def configure_logging(verbose: bool, own_level: int = logging.INFO) -> None:
     """Root handler on stderr; this package at ``own_level``, the libraries at ``ERROR`` (all ``DEBUG`` with -v).
 
     Levels are set explicitly (not only through ``basicConfig``, which does nothing when the root logger
-    already has a handler), so a second call in the same process switches back and forth.
+    already has a handler), so a second call in the same process switches back and forth. Under torchrun
+    the ranks other than 0 log warnings and errors only, each line tagged with the rank.
     """
-    logging.basicConfig(format=LOG_FORMAT)
+    rank = launch_rank()
+    logging.basicConfig(format=LOG_FORMAT if rank == 0 else f"[rank {rank}] {LOG_FORMAT}")
     logging.getLogger().setLevel(logging.DEBUG if verbose else logging.WARNING)
+    if rank != 0 and not verbose:  # under torchrun rank 0 speaks for the job; the others only warn
+        own_level = max(own_level, logging.WARNING)
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # weight loading, once per rank otherwise
+        disable_progress_bars()
     logging.getLogger(OWN_LOGGER).setLevel(logging.DEBUG if verbose else own_level)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)

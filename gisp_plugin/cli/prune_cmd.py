@@ -1,4 +1,13 @@
-"""``gisp prune``: one method, several targets, one compacted model per target (and the trajectory)."""
+"""``gisp prune``: one method, several targets, one compacted model per target (and the trajectory).
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m gisp_plugin prune ...``) every rank checks the inputs,
+loads the whole model onto its own device (``cuda:LOCAL_RANK``) and the whole calibration set, then the
+ranks join one process group and run the method data parallel (each calibrates on its share of the data;
+see ``gisp_plugin.distributed``): they reach the same subnetworks. Then they leave the group, and rank 0
+alone compacts, saves and prints, so no rank ever waits on rank 0's writing. ``pruning.json`` records the
+setup (``distributed: {world_size, backend, fsdp}``); the run's request (``run.json``) does not name it, so
+a run started on N ranks resumes on M.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ from gisp_plugin.data.loading import data_source, load_calibration
 from gisp_plugin.deploy.padding import default_pad_to
 from gisp_plugin.deploy.quantize import CHOICES, QuantChoice, check_quantization, quantization_info, quantize_model
 from gisp_plugin.deploy.size import weights_bytes
+from gisp_plugin.distributed.context import DistributedSetup, device_for, init_distributed, launch_setup, leave_distributed
 from gisp_plugin.inputs import check_attention, check_device, check_seqlen, context_limit, folder_context_limit
 from gisp_plugin.methods.api import MethodSpec
 from gisp_plugin.methods.options import options_to_dict, parse_assignments
@@ -81,7 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an --out folder that holds another run (swapped in when complete)"
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, data_parallel=True)
 
 
 def _given(value, default):
@@ -148,6 +158,7 @@ def check_inputs(args: argparse.Namespace) -> tuple:
     quantization = check_quantization(args.quantize, args.device, args.dtype)
     args.pad_to = default_pad_to(args.device, args.pad_to)
     recovery = recovery_request(request, args)
+    check_ranks(request, launch_setup())
     limit = folder_context_limit(args.model) if Path(args.model).expanduser().is_dir() else None
     for what, data in (("calibration", request), ("recovery", recovery)):
         if data is not None:
@@ -157,21 +168,37 @@ def check_inputs(args: argparse.Namespace) -> tuple:
     return options, spec, parsed, targets, request, recovery, quantization, folder
 
 
+def check_ranks(request: CalibrationRequest | None, launch: DistributedSetup) -> None:
+    """Under torchrun every rank needs at least one calibration sequence (checked before the model loads)."""
+    if request is not None and launch.world_size > request.n_samples:
+        raise ValueError(
+            f"--n-samples {request.n_samples} cannot be split across {launch.world_size} ranks; "
+            f"give at least {launch.world_size} calibration samples, or fewer ranks"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     options, spec, parsed, targets, request, recovery, quantization, folder = check_inputs(args)  # before loading anything
-    model, tokenizer = load_model(args.model, args.device, args.dtype, args.attn)
+    model, tokenizer = load_model(args.model, device_for(launch_setup(), args.device), args.dtype, args.attn)
     check_run(model, args.method, targets, options, request)  # reach of the targets, context, finite weights
     if recovery is not None:
         check_seqlen("recovery", recovery.seqlen, context_limit(model.config), args.model)
-    recovery_data = load_calibration(recovery, tokenizer) if recovery is not None else None
-    folder.start()
+    main = launch_setup().is_main
+    recovery_data = load_calibration(recovery, tokenizer) if recovery is not None and main else None
+    setup = init_distributed(args.device)  # every check passed on every rank: join the job (nothing outside torchrun)
+    if main:
+        folder.start()
     try:
-        summary = prune_into(args, folder, spec, parsed, model, tokenizer, targets, options, request, recovery_data, quantization)
+        summary = prune_into(
+            args, folder, spec, parsed, model, tokenizer, targets, options, request, recovery_data, quantization, setup
+        )
     except BaseException:
-        folder.abandon_if_empty()  # a run that failed before any result leaves no folder that blocks the next
+        if main:
+            folder.abandon_if_empty()  # a run that failed before any result leaves no folder that blocks the next
         raise
-    for line in summary:
-        print(json.dumps(line))
+    if main:
+        for line in summary:
+            print(json.dumps(line))
     return 0
 
 
@@ -187,13 +214,25 @@ def prune_into(
     request: CalibrationRequest | None,
     recovery_data: CalibrationSet | None,
     quantization: QuantChoice | None,
+    setup: DistributedSetup | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the method and write every compacted model (and the trajectory) into the run folder."""
+    """Run the method and write every compacted model (and the trajectory) into the run folder.
+
+    One process writes each model as soon as its target is reached. Under torchrun every rank runs the
+    method to its end, the ranks leave the group, and rank 0 alone writes (the others return nothing).
+    """
+    setup = setup or DistributedSetup()
     out: Path = folder.path
     trajectory = Trajectory()
     summary = []
     started = time.perf_counter()
-    for subnetwork in run_method(model, tokenizer, args.method, targets, options, request, args.seed, out / ".work", trajectory):
+    subnetworks = run_method(model, tokenizer, args.method, targets, options, request, args.seed, out / ".work", trajectory)
+    if setup.enabled:
+        subnetworks = list(subnetworks)  # keep masks and biases: small; the collective work ends here
+        leave_distributed()
+        if not setup.is_main:
+            return []
+    for subnetwork in subnetworks:
         line = {"target": subnetwork.target, "structural_sparsity": round(subnetwork.sparsity, 5)}
         if not args.trajectory_only:
             compact, params = compact_subnetwork(model, subnetwork, args.pad_to)
@@ -212,6 +251,7 @@ def prune_into(
                 params,
                 request.label if request else None,
                 args.seed,
+                setup,
             )
             record.info["pad_to"] = args.pad_to
             if quantization is not None:

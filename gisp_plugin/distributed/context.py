@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from gisp_plugin.inputs import InputError
+
+# How long a collective waits for the slowest rank before the job fails (torch's own gloo default). Ranks
+# wait for each other only while they compute (rank 0 writes and evaluates after the group is left), so this
+# bounds a hang, not a legitimately long step; a rank that dies is noticed at once by gloo and by torchrun.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,26 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (0 outside torchrun); known before the group is joined."""
+    return int(os.environ["RANK"]) if launched_by_torchrun() else 0
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (or alone): the one that logs, shows progress and writes."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return launch_rank() == 0
+
+
+def launch_setup() -> DistributedSetup:
+    """The setup the launcher's environment describes, before ``init_distributed`` joins the group:
+    enough to choose this rank's device and to check the data split before the model is loaded."""
+    if not launched_by_torchrun():
+        return DistributedSetup()
+    return DistributedSetup(int(os.environ["WORLD_SIZE"]), launch_rank(), int(os.environ["LOCAL_RANK"]))
+
+
 def current_setup(fsdp: bool = False) -> DistributedSetup:
     """The setup of the initialised process group, or the single process when there is none."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -76,14 +102,33 @@ def init_distributed(device: str, fsdp: bool = False) -> DistributedSetup:
         backend = backend_for(device)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
     return current_setup(fsdp)
 
 
+def leave_distributed() -> None:
+    """Wait for every rank, then leave the process group (idempotent; nothing outside torchrun).
+
+    Called once the collective work is done, so rank 0 can go on alone (write, evaluate) while the
+    other ranks exit: none of them waits on rank 0's writing, however long it takes.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def device_for(setup: DistributedSetup, device: str) -> str:
-    """The device this rank computes on: ``cuda:LOCAL_RANK`` for a bare ``cuda`` under torchrun."""
+    """The device this rank computes on: ``cuda:LOCAL_RANK`` for a bare ``cuda`` under torchrun.
+
+    A numbered GPU (``cuda:0``) would put every rank of a node on that one GPU: refused, naming ``cuda``.
+    """
     if setup.enabled and device == "cuda":
         return f"cuda:{setup.local_rank}"
+    if setup.enabled and device.startswith("cuda:") and int(os.environ.get("LOCAL_WORLD_SIZE", setup.world_size)) > 1:
+        raise InputError(
+            f"--device {device} would put every rank of this node on one GPU; give --device cuda "
+            "(each rank takes cuda:LOCAL_RANK), and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
     return device
 
 

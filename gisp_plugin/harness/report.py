@@ -164,9 +164,12 @@ def write_outputs(result: ComparisonResult, folder: Path) -> dict[str, Path]:
     """Write table.md, results.csv, results.json and the plots into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     table = folder / "table.md"
-    table.write_text(markdown(result))
-    write_csv(result.rows, folder / "results.csv")
-    (folder / "results.json").write_text(
+    _write_atomic(table, markdown(result))
+    csv_tmp = folder / ".results.csv.tmp"
+    write_csv(result.rows, csv_tmp)
+    csv_tmp.replace(folder / "results.csv")
+    _write_atomic(
+        folder / "results.json",
         json.dumps(
             {
                 "config": result.config.to_json(),
@@ -176,7 +179,14 @@ def write_outputs(result: ComparisonResult, folder: Path) -> dict[str, Path]:
             },
             indent=1,
             default=str,
-        )
+        ),
     )
     plots = write_plots(result.rows, folder)
     return {"table": table, "csv": folder / "results.csv", "json": folder / "results.json", **{p.stem: p for p in plots}}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name and rename it: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

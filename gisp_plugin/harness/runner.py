@@ -4,6 +4,12 @@ The dense model and the calibration set are loaded once and shared; every method
 dense weights (the loop hands them back untouched); the dense model is evaluated as the 0% row.
 Every pruning run and every evaluation is cached, so an interrupted or extended comparison redoes
 nothing that is finished.
+
+Under ``torchrun`` every rank loads the model and the data; the methods not yet in the cache are pruned
+data parallel by all ranks together (rank 0 decides which, and alone writes the cache), then the ranks
+leave the group: the others exit and rank 0 evaluates every row alone, exactly as one process would, from
+the cache. Evaluation is not split across ranks: it runs once, on rank 0, after all pruning is done, so
+no rank waits in a collective while rank 0 evaluates.
 """
 
 from __future__ import annotations
@@ -26,6 +32,16 @@ from gisp_plugin.data.loading import data_source, load_calibration
 from gisp_plugin.deploy.padding import default_pad_to
 from gisp_plugin.deploy.quantize import QuantChoice, parse_row_quantizations, quantization_info, quantized_copy
 from gisp_plugin.deploy.size import serialized_bytes, size_metrics
+from gisp_plugin.distributed.context import (
+    DistributedSetup,
+    current_setup,
+    device_for,
+    init_distributed,
+    is_main_process,
+    launch_setup,
+    leave_distributed,
+)
+from gisp_plugin.distributed.data_parallel import from_main
 from gisp_plugin.evaluation.specs import EvalSpec, check_spec_inputs, parse_eval_specs, run_spec
 from gisp_plugin.harness.cache import ResultCache
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
@@ -142,10 +158,17 @@ class Comparison:
         self.quantize = parse_row_quantizations(config.quantize, list(self.methods), config.device, config.dtype)
         self.pad_to = default_pad_to(config.device, config.pad_to)
         check_results_folder(out, config)
-        self.model, self.tokenizer = load_model(config.model, config.device, config.dtype)
+        ranks = launch_setup().world_size
+        if config.n_samples < ranks and any(self._needs_data(m) for m in self.methods):
+            raise ConfigError(
+                f"n_samples={config.n_samples} cannot be split across {ranks} ranks; "
+                f"give at least {ranks} calibration samples, or fewer ranks"
+            )
+        self.model, self.tokenizer = load_model(config.model, device_for(launch_setup(), config.device), config.dtype)
         self._check_data(context_limit(self.model.config), False)  # a hub model's context is known only now
         self._keep_applicable_methods()
         self._calibration = None
+        self.distributed = DistributedSetup()  # the setup that pruned this run's methods
 
     def _keep_applicable_methods(self) -> None:
         """Every named method must apply to the model (REAP needs routed experts); when no method is named,
@@ -218,14 +241,34 @@ class Comparison:
             yield choice, quantized_copy(model, choice)
 
     def prune(self, method: str) -> tuple[list[Subnetwork], MethodCost]:
+        """The subnetworks of ``method`` at every target and what they cost: from the cache, else pruned now."""
+        cached = self.cached_prune(method)
+        return cached if cached is not None else self.prune_and_cache(method)
+
+    def cached_prune(self, method: str) -> tuple[list[Subnetwork], MethodCost] | None:
         key = self.prune_key(method)
         entry = self.cache.get("prune", key)
         biases = self.cache.get_tensors("prune", key) if entry is not None else None
-        if entry is not None and biases is not None:  # a damaged tensors file is dropped: prune again
-            anatomy = adapter_for(self.model).anatomy(self.model)
-            subnetworks = _subnetworks_from_json(entry["subnetworks"], anatomy, biases)
-            cost = MethodCost(method, entry["prune_time_s"], entry["time_per_subnetwork_s"], entry["peak_memory_bytes"], True)
-            return subnetworks, cost
+        if entry is None or biases is None:  # a damaged tensors file is dropped: prune again
+            return None
+        anatomy = adapter_for(self.model).anatomy(self.model)
+        subnetworks = _subnetworks_from_json(entry["subnetworks"], anatomy, biases)
+        cost = MethodCost(method, entry["prune_time_s"], entry["time_per_subnetwork_s"], entry["peak_memory_bytes"], True)
+        return subnetworks, cost
+
+    def prune_data_parallel(self, setup: DistributedSetup, progress: ComparisonProgress) -> None:
+        """Every rank prunes, together, the methods rank 0 finds missing from the cache; then the ranks leave
+        the group (rank 0 goes on alone, reading them from the cache)."""
+        missing = from_main(lambda: [m for m in self.methods if self.cached_prune(m) is None], setup)
+        for method in missing:
+            progress.stage(f"{method}: pruning on {setup.world_size} ranks")
+            self.prune_and_cache(method)
+        self.distributed = setup
+        leave_distributed()
+
+    def prune_and_cache(self, method: str) -> tuple[list[Subnetwork], MethodCost]:
+        """Run ``method`` (data parallel under torchrun) and cache its subnetworks (rank 0 writes)."""
+        key = self.prune_key(method)
         spec, _ = resolve_method(method, self.config.method_options.get(method, {}))
         calibration = self.calibration() if spec.calibration is not None else None
         subnetworks, times = [], []
@@ -244,6 +287,8 @@ class Comparison:
                 times.append(subnetwork.elapsed_s)  # the method's own time, with steps finished before a resume
         elapsed = times[-1]
         cost = MethodCost(method, elapsed, elapsed / len(subnetworks), memory.peak_bytes, False)
+        if not is_main_process():
+            return subnetworks, cost
         biases = {f"{i}:{path}": b for i, s in enumerate(subnetworks) for path, b in s.extra_biases.items()}
         self.cache.put_tensors("prune", key, biases)
         self.cache.put(
@@ -269,6 +314,7 @@ class Comparison:
             params,
             self.calibration().name if self._calibration else None,
             self.config.seed,
+            self.distributed,
         )
         record.info["pad_to"] = self.pad_to
         name = f"{method}-s{subnetwork.target:.2f}"
@@ -278,15 +324,22 @@ class Comparison:
         results = {f"gisp compare ({', '.join(self.config.evals)})": row.metrics}
         save_pruned(model, self.tokenizer, self.out / "models" / name, record, results)
 
-    def run(self, progress: ComparisonProgress | None = None) -> ComparisonResult:
+    def run(self, progress: ComparisonProgress | None = None) -> ComparisonResult | None:
         """Evaluate the dense model, then prune with every method and evaluate every subnetwork, each
         also quantised as asked (``METHOD:QUANT`` rows).
 
         ``progress`` shows rows done, the step running and one line per finished row (default: log lines).
+        Under torchrun the ranks first prune together (``prune_data_parallel``); ranks other than 0 then
+        return ``None``.
         """
         if any(self.cache.get("prune", self.prune_key(m)) is None and self._needs_data(m) for m in self.methods):
             self.calibration()  # data too short or unavailable fails here, before the folder is written to
         progress = progress or ComparisonProgress()
+        setup = current_setup()
+        if setup.enabled:
+            self.prune_data_parallel(setup, progress)
+            if not setup.is_main:
+                return None
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / SETTINGS_FILE).write_text(
             json.dumps({"identity": self.config.identity(), "config": self.config.to_json()}, indent=1)
@@ -342,10 +395,16 @@ def _row_name(method: str, choice: QuantChoice | None) -> str:
 
 def run_comparison(
     config: ComparisonConfig | dict[str, Any], out: str | Path, progress: ComparisonProgress | None = None
-) -> ComparisonResult:
-    """Check everything, then run (or resume) the comparison into ``out`` (a config or its mapping)."""
+) -> ComparisonResult | None:
+    """Check everything, then run (or resume) the comparison into ``out`` (a config or its mapping).
+
+    Under torchrun the ranks join one job once every rank has checked its inputs and loaded the model;
+    ranks other than 0 return ``None`` when the pruning is done (see the module docstring).
+    """
     if isinstance(config, dict):
         config = ComparisonConfig.from_mapping(config, "the comparison mapping")
     if not isinstance(config, ComparisonConfig):
         raise ConfigError(f"run_comparison needs a ComparisonConfig or a mapping, got {type(config).__name__}")
-    return Comparison(config, Path(out)).run(progress)
+    comparison = Comparison(config, Path(out))
+    init_distributed(config.device)
+    return comparison.run(progress)

@@ -8,7 +8,10 @@ The objective is a weighted sum of per-sample losses, ``sum_i w_i * loss_i``; th
 loss (``ntp``: ``w_i = 1 / N``, so the sum is the mean gradient ``g = grad / n_samples`` of the GISP
 reference; ``margin``: ``+1 / n_pos`` and ``-1 / n_neg``). Because it is a plain sum over samples, it is
 additive over batches, micro-batches and ranks: ``GradientSums.merge`` (or ``all_reduce`` under
-``torch.distributed``) of partial sums gives the full-set result, whatever the split.
+``torch.distributed``) of partial sums gives the full-set result, whatever the split. Under ``torchrun``
+(data parallel) ``accumulate_gradients`` does exactly that by itself: each rank sums its contiguous share of
+the set with the weights of the whole set, and the ranks' sums are all-reduced, so every rank returns the
+full-set sums and every method is data parallel without knowing it.
 
 Cost: only the requested weights require gradients (embeddings, ``lm_head``, norms stay frozen); each
 weight's gradient is folded into a float32 buffer by a post-accumulate hook right after backward produces
@@ -45,6 +48,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from gisp_plugin.anatomy.structures import ModelAnatomy
 from gisp_plugin.data.api import CalibrationBatch, CalibrationSet
+from gisp_plugin.distributed.context import current_setup
+from gisp_plugin.distributed.data_parallel import rank_share
 from gisp_plugin.finite import NonFiniteError
 from gisp_plugin.masking.sparsifier import dense_tensor
 
@@ -222,9 +227,13 @@ def accumulate_gradients(
 
     ``batch_size`` sequences go through each forward/backward (a micro-batch: the result does not depend
     on it, up to float rounding). ``per_sample_squares`` forces one sequence per backward and also sums
-    the squared per-sample gradients. ``sample_weights`` overrides the objective's weights: a rank of a
-    data-parallel run passes its shard with the weights computed on the whole set, then ``all_reduce``.
-    ``progress`` is a tqdm description (``None``: no bar; else a bar when stderr is a terminal).
+    the squared per-sample gradients. ``sample_weights`` ``[len(calibration)]`` overrides the objective's
+    weights. ``progress`` is a tqdm description (``None``: no bar; else a bar on rank 0 when stderr is a
+    terminal).
+
+    Data parallel (an initialised ``torch.distributed`` group): each rank sums its share of
+    ``calibration`` (``rank_share``) with its slice of the whole set's weights, then the sums are
+    all-reduced: every rank returns the full-set sums, equal to one process's up to float rounding.
 
     Masked weights (``torch.ao.pruning`` parametrizations) stay masked. Each masked weight is computed
     once per call and used as the leaf for every batch (``parametrize.cached``), so micro-batches cost
@@ -236,6 +245,8 @@ def accumulate_gradients(
     weights = weights.to(torch.float64).cpu()
     if weights.shape != (len(calibration),):
         raise ValueError(f"sample weights need shape ({len(calibration)},), got {tuple(weights.shape)}")
+    setup = current_setup()
+    calibration, weights = rank_share(calibration, weights, setup)
     if per_sample_squares:
         batch_size = 1
     params = {path: weight_tensor(model, path) for path in paths}
@@ -249,7 +260,7 @@ def accumulate_gradients(
         total=math.ceil(len(calibration) / batch_size),
         desc=progress,
         leave=False,
-        disable=True if progress is None else None,
+        disable=True if progress is None or not setup.is_main else None,
     )
     with only_these_require_grad(model, list(params.values())), parametrize.cached():
         leaves = {path: _leaf(model, path, params[path]) for path in paths}
@@ -296,7 +307,7 @@ def accumulate_gradients(
         for path, tensor in sums.items():
             if not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteError(f"{name} of {path} is not finite after calibration on {calibration.name!r}")
-    return GradientSums(
+    sums = GradientSums(
         grad=accumulator.grad,
         grad_sq=accumulator.grad_sq,
         n_samples=int((weights != 0).sum()),
@@ -304,6 +315,7 @@ def accumulate_gradients(
         n_tokens=n_tokens,
         info={"objective": objective.name, "batch_size": batch_size},
     )
+    return sums.all_reduce() if setup.enabled else sums
 
 
 def _leaf(model: nn.Module, path: str, param: torch.Tensor) -> torch.Tensor:

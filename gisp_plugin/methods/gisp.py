@@ -24,7 +24,8 @@ closest to each target.
 
 Every cut is recorded in ``job.trajectory``. With a ``work_dir``, the state after every finished step
 is written atomically to ``gisp-state.json``; a rerun with the same model, options, calibration data,
-targets and seed resumes from the last finished step and gives identical results. A state from a
+targets and seed resumes from the last finished step and gives identical results (under ``torchrun``
+rank 0 alone reads and writes the state; every rank resumes from what rank 0 read). A state from a
 different run is ignored (with a warning) and overwritten. Every step records ``elapsed_s``, the GISP
 time up to it across interruptions, so a resumed run reports its whole pruning time.
 """
@@ -47,6 +48,8 @@ from tqdm.auto import tqdm
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationSet
+from gisp_plugin.distributed.context import is_main_process
+from gisp_plugin.distributed.data_parallel import from_main
 from gisp_plugin.finite import NonFiniteError
 from gisp_plugin.importance.allocation import Groups, Scores, prune_lowest_globally
 from gisp_plugin.importance.gradients import GradientSums, accumulate_gradients, weight_paths, weight_tensor
@@ -370,7 +373,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
     pad_token_id = getattr(job.tokenizer, "pad_token_id", None) or 0
 
     keep = KeepMask.dense(anatomy)
-    done = load_state(job.work_dir, fingerprint, anatomy, cuts)
+    done = from_main(lambda: load_state(job.work_dir, fingerprint, anatomy, cuts))  # rank 0 reads, every rank resumes
     finished = len(done.steps) if done is not None else 0
     if finished:
         log.info("gisp: resuming from %s after %d of %d steps", job.work_dir, cuts[finished - 1].step + 1, options.steps)
@@ -383,7 +386,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
             yield job.subnetwork(cuts[index].target, keep, info=_subnetwork_info(info, options), elapsed_s=info.get("elapsed_s"))
 
     pending = sorted({cut.step for cut in cuts[finished:]})
-    bar = tqdm(total=options.steps, initial=options.steps - len(pending), desc="GISP", unit="step")
+    bar = tqdm(total=options.steps, initial=options.steps - len(pending), desc="GISP", unit="step", disable=not is_main_process())
     try:
         for step in pending:
             started = time.perf_counter()
@@ -413,7 +416,8 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
                 job.trajectory.record(keep, anatomy.sparsity(keep), **info)
                 if cut.target is not None:
                     reached.append((cut.target, keep, info))
-            save_state(job.work_dir, fingerprint, job.trajectory)
+            if is_main_process():
+                save_state(job.work_dir, fingerprint, job.trajectory)
             bar.set_postfix(sparsity=f"{anatomy.sparsity(keep):.4f}", loss=f"{sums.loss:.4f}")
             bar.update(1)
             log.debug("gisp step %d/%d: loss %.4f at sparsity %.4f", step + 1, options.steps, sums.loss, sparsity)
