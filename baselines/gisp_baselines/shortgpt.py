@@ -23,10 +23,13 @@ one of our sources, so the default is C4, 128 windows of 256 tokens (``--calibra
 The GISP reference baseline (``pruners/shortGPT_sp.py``) removes layers until the sparsity first reaches
 the target; we take the count closest to it, like every other method here.
 
-BI comes from one plain forward pass per batch with a hook on every decoder layer: each layer's input
-and output are at hand there, nothing is held between batches but the sums, and activation memory is
-one batch's, whatever the depth. ``BlockInfluence`` keeps sums (cosines and token counts), so batches
-and data-parallel ranks combine with ``merge``.
+BI comes from one plain forward pass of the decoder (no LM head) per batch with a hook on every decoder
+layer, rather than the sequential engine: the ranking needs no decision between layers, each layer's input
+and output are at hand in the hook, nothing is held between batches but the sums, and activation memory
+is one batch's, whatever the depth (the sequential engine holds the whole calibration set's hidden
+states). ``BlockInfluence`` keeps sums (cosines and token counts), so batches and data-parallel ranks
+combine with ``merge``. The hook sees the last layer's own output; the paper's code takes transformers'
+``hidden_states``, whose last entry has already passed the final norm, so its BI of the last layer differs.
 
 Sample: ``gisp prune --model HuggingFaceTB/SmolLM2-135M --method shortgpt --sparsity 0.2,0.3``.
 """
@@ -114,13 +117,14 @@ def block_influence(
         return record
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    decoder = getattr(model, "base_model", model)  # no LM head: logits [batch, seq, vocab] are not needed
     device = next(model.parameters()).device
     size = batch_size_for(calibration, batch_size)
     try:
         for batch in tqdm(calibration.batches(size, pad_id), desc="block influence", total=-(-len(calibration) // size)):
             batch = batch.to(device)
             token_mask[:] = [batch.attention_mask.bool()]
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
