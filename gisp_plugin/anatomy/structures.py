@@ -246,12 +246,11 @@ class KeepMask:
         return self.flags[key]
 
     def __setitem__(self, key: tuple[int, str], value: torch.Tensor) -> None:
-        if key not in self.flags:
-            if key[1] != WHOLE_LAYER or not any(layer == key[0] for layer, _ in self.flags):
-                raise KeyError(f"no structure kind {key[1]!r} in layer {key[0]}")
-            self.flags[key] = torch.ones(1, dtype=torch.bool)  # a layer's first flag: one unit
-        if value.shape != self.flags[key].shape:
-            raise ValueError(f"keep flags for {key} need shape {tuple(self.flags[key].shape)}, got {tuple(value.shape)}")
+        if key not in self.flags and (key[1] != WHOLE_LAYER or not any(layer == key[0] for layer, _ in self.flags)):
+            raise KeyError(f"no structure kind {key[1]!r} in layer {key[0]}")
+        shape = self.flags[key].shape if key in self.flags else (1,)  # a layer's first flag: one unit
+        if value.shape != shape:
+            raise ValueError(f"keep flags for {key} need shape {tuple(shape)}, got {tuple(value.shape)}")
         self.flags[key] = value.to(torch.bool).cpu()
 
     def layer_kept(self, layer: int) -> bool:
