@@ -10,6 +10,9 @@ with plain multi-head attention it also owns its key/value rows. Under grouped-q
 key/value rows are *dependent*: they go only when every query head reading them is gone. An MLP channel
 owns a row of the gate and up projections and a column of the down projection. Tensors no unit owns
 (norms, including per-head ``q_norm``/``k_norm`` shared by all heads) are fixed parameters.
+
+Every layer is also one unit of the ``"layer"`` kind (``whole_layer_kind``), owning all its parameters;
+its slices are the output projections of its blocks, the only tensors that write into the residual stream.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from gisp_plugin.anatomy.structures import (
+    WHOLE_LAYER,
     DependentSlice,
     LayerAnatomy,
     ModelAnatomy,
@@ -208,6 +212,32 @@ def _mlp_kinds(layer: nn.Module, declaration: DecoderDeclaration) -> dict[str, S
     return kinds
 
 
+def _writes_residual(tensor_slice: TensorSlice) -> bool:
+    """A weight slice cutting input columns belongs to an output projection: what a block adds to the residual."""
+    return not tensor_slice.is_bias and tensor_slice.axis == (2 if tensor_slice.stacked else 1)
+
+
+def whole_layer_kind(layer: nn.Module, kinds: dict[str, StructureKind]) -> StructureKind:
+    """The decoder layer as one unit: it owns every parameter; its slices are the whole output projections.
+
+    A decoder layer adds ``o_proj(attention)`` and ``down_proj(mlp)`` (routed and shared experts
+    alike) to the residual stream; with those weights and their biases zero, each block adds exactly 0
+    (Gemma's post-norms too, as an RMS norm maps 0 to 0), so the masked layer is the identity.
+    """
+    writers = {s.path: s for kind in kinds.values() for s in kind.owned if _writes_residual(s)}
+    owned = []
+    for path, writer in sorted(writers.items()):
+        if writer.stacked:  # routed experts' down projections [E, H, I]: every expert, a mask [E, 1, 1]
+            owned.append(TensorSlice(path, 0, writer.stacked))
+            continue
+        # all input columns, the axis the kinds already cut: the weight's mask stays [1, in], not [out, in]
+        owned.append(TensorSlice(path, 1, _tensor(layer, path).shape[1]))
+        bias = dense_tensor(layer.get_submodule(writer.module_path), "bias")
+        if bias is not None:
+            owned.append(TensorSlice(f"{writer.module_path}.bias", 0, bias.shape[0]))
+    return StructureKind(WHOLE_LAYER, WHOLE_LAYER, 1, tuple(owned), sum(p.numel() for p in layer.parameters()))
+
+
 def decoder_anatomy(model: nn.Module, declaration: DecoderDeclaration, adapter_name: str) -> ModelAnatomy:
     """The anatomy of every decoder layer, read off the model's real module shapes."""
     layers = []
@@ -215,6 +245,6 @@ def decoder_anatomy(model: nn.Module, declaration: DecoderDeclaration, adapter_n
         kinds = {ATTN_HEAD: attention_kind(layer, declaration.attention), **_mlp_kinds(layer, declaration)}
         total = sum(p.numel() for p in layer.parameters())
         owned = sum(kind.dense_params for kind in kinds.values())
-        layers.append(LayerAnatomy(index, f"model.layers.{index}", kinds, total - owned))
+        layers.append(LayerAnatomy(index, f"model.layers.{index}", kinds, total - owned, whole_layer_kind(layer, kinds)))
     kind_names = tuple(dict.fromkeys(name for layer in layers for name in layer.kinds))
     return ModelAnatomy(adapter_name, tuple(layers), kind_names)

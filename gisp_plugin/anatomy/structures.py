@@ -4,6 +4,12 @@ A model is a list of decoder layers; each layer holds one or more *structure kin
 MLP channels, and whatever an adapter adds later, such as experts). A kind owns, for each of its
 ``count`` units, a run of ``width`` rows or columns in some tensors. Everything a method needs to
 score, mask, count or compact structures follows from that declaration.
+
+A decoder layer is also a structure of its own, the ``"layer"`` kind (``LayerAnatomy.whole``): one unit
+owning everything the layer holds. It lives beside the within-layer kinds, not among them, so methods that
+rank heads and channels never see it; only a method that removes whole layers (ShortGPT) sets its flags.
+A ``KeepMask`` carries a layer flag only when such a method put one there, and a layer without a flag is
+kept, so the masks, records and trajectories of every other method are exactly what they were.
 """
 
 from __future__ import annotations
@@ -133,14 +139,24 @@ class StructureKind:
         return self.params_kept(torch.ones(self.count, dtype=torch.bool))
 
 
+WHOLE_LAYER = "layer"
+
+
 @dataclass(frozen=True)
 class LayerAnatomy:
-    """The structure kinds of one decoder layer and the parameters no method can remove (norms)."""
+    """The structure kinds of one decoder layer and the parameters no method can remove (norms).
+
+    ``whole`` is the layer as one unit of kind ``"layer"``: it owns every parameter of the layer, norms
+    included (``params_per_unit == dense_params``), and its slices are the tensors that write into the
+    residual stream, whose zeroing makes the layer the identity. ``None`` where an adapter declares no
+    whole-layer structure.
+    """
 
     index: int
     prefix: str
     kinds: dict[str, StructureKind]
     fixed_params: int
+    whole: StructureKind | None = None
 
     @property
     def dense_params(self) -> int:
@@ -164,12 +180,23 @@ class ModelAnatomy:
         return sum(layer.dense_params for layer in self.layers)
 
     def kind(self, layer: int, name: str) -> StructureKind:
+        if name == WHOLE_LAYER:
+            return self.whole_layer(layer)
         return self.layers[layer].kinds[name]
 
+    def whole_layer(self, layer: int) -> StructureKind:
+        """The ``"layer"`` structure of decoder layer ``layer`` (refused where the adapter declares none)."""
+        whole = self.layers[layer].whole
+        if whole is None:
+            raise LookupError(f"the {self.adapter} anatomy declares no whole-layer structure; layers cannot be removed")
+        return whole
+
     def params_kept(self, keep: KeepMask) -> int:
+        """Parameters left in the decoder layers; a removed layer leaves none, whatever its other flags say."""
         return sum(
             layer.fixed_params + sum(kind.params_kept(keep[layer.index, name]) for name, kind in layer.kinds.items())
             for layer in self.layers
+            if keep.layer_kept(layer.index)
         )
 
     def sparsity(self, keep: KeepMask) -> float:
@@ -193,48 +220,68 @@ class KeepMask:
     """Which units of every (layer, kind) remain: a bool vector per pair.
 
     This is the one currency in which methods state decisions; masks on the model, compaction,
-    trajectories and saved records are all derived from it.
+    trajectories and saved records are all derived from it. Whole layers are flagged under the kind
+    ``"layer"`` (one unit per layer); a layer without such a flag is kept.
     """
 
     def __init__(self, flags: dict[tuple[int, str], torch.Tensor]):
         self.flags = {key: value.to(torch.bool).cpu() for key, value in flags.items()}
 
     @classmethod
-    def dense(cls, anatomy: ModelAnatomy) -> KeepMask:
-        return cls(
-            {
-                (layer.index, name): torch.ones(kind.count, dtype=torch.bool)
-                for layer in anatomy.layers
-                for name, kind in layer.kinds.items()
-            }
-        )
+    def dense(cls, anatomy: ModelAnatomy, layers: bool = False) -> KeepMask:
+        """Everything kept; with ``layers``, every decoder layer also carries its (kept) ``"layer"`` flag."""
+        flags = {
+            (layer.index, name): torch.ones(kind.count, dtype=torch.bool)
+            for layer in anatomy.layers
+            for name, kind in layer.kinds.items()
+        }
+        if layers:
+            for layer in anatomy.layers:
+                flags[layer.index, WHOLE_LAYER] = torch.ones(anatomy.whole_layer(layer.index).count, dtype=torch.bool)
+        return cls(flags)
 
     def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
+        if key[1] == WHOLE_LAYER and key not in self.flags:
+            return torch.ones(1, dtype=torch.bool)  # no flag: the layer is kept
         return self.flags[key]
 
     def __setitem__(self, key: tuple[int, str], value: torch.Tensor) -> None:
-        if key not in self.flags:
+        if key not in self.flags and (key[1] != WHOLE_LAYER or not any(layer == key[0] for layer, _ in self.flags)):
             raise KeyError(f"no structure kind {key[1]!r} in layer {key[0]}")
-        if value.shape != self.flags[key].shape:
-            raise ValueError(f"keep flags for {key} need shape {tuple(self.flags[key].shape)}, got {tuple(value.shape)}")
+        shape = self.flags[key].shape if key in self.flags else (1,)  # a layer's first flag: one unit
+        if value.shape != shape:
+            raise ValueError(f"keep flags for {key} need shape {tuple(shape)}, got {tuple(value.shape)}")
         self.flags[key] = value.to(torch.bool).cpu()
+
+    def layer_kept(self, layer: int) -> bool:
+        """False only when decoder layer ``layer`` is removed as a whole."""
+        return bool(self[layer, WHOLE_LAYER].all())
+
+    def removed_layers(self) -> list[int]:
+        """Decoder layers removed as a whole, in order."""
+        return sorted(layer for (layer, name), value in self.flags.items() if name == WHOLE_LAYER and not bool(value.all()))
 
     def copy(self) -> KeepMask:
         return KeepMask({key: value.clone() for key, value in self.flags.items()})
 
+    def _keys(self, other: KeepMask) -> set[tuple[int, str]]:
+        return set(self.flags) | set(other.flags)
+
     def is_subset_of(self, other: KeepMask) -> bool:
         """True when every unit kept here is also kept in ``other`` (nested subnetworks)."""
-        return not any(bool((value & ~other[key]).any()) for key, value in self.flags.items())
+        return not any(bool((self[key] & ~other[key]).any()) for key in self._keys(other))
 
     def num_pruned(self) -> int:
         return sum(int((~value).sum()) for value in self.flags.values())
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, KeepMask)
-            and self.flags.keys() == other.flags.keys()
-            and all(torch.equal(value, other.flags[key]) for key, value in self.flags.items())
-        )
+        """The same subnetwork (a missing layer flag equals a kept one)."""
+        if not isinstance(other, KeepMask):
+            return False
+        try:
+            return all(torch.equal(self[key], other[key]) for key in self._keys(other))
+        except KeyError:
+            return False
 
     def to_json(self) -> dict[str, dict[str, list[int]]]:
         """Pruned unit indices per layer and kind: compact for the usual case of few pruned units."""
@@ -245,7 +292,7 @@ class KeepMask:
 
     @classmethod
     def from_json(cls, anatomy: ModelAnatomy, data: dict[str, dict[str, list[int]]]) -> KeepMask:
-        keep = cls.dense(anatomy)
+        keep = cls.dense(anatomy, layers=any(WHOLE_LAYER in kinds for kinds in data.values()))
         for layer, kinds in data.items():
             for name, pruned in kinds.items():
                 flags = keep[int(layer), name].clone()

@@ -1,7 +1,8 @@
 """The history of a nested pruning run: at which step every structure was pruned.
 
 From a trajectory and the dense model, the subnetwork at any recorded step (any sparsity along the
-run) is rebuilt without running the method again.
+run) is rebuilt without running the method again. A method removing whole layers records them under
+the kind ``"layer"`` like any other structure.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+from gisp_plugin.anatomy.structures import WHOLE_LAYER, KeepMask, ModelAnatomy
 
 NEVER = -1
 
@@ -67,7 +68,8 @@ class Trajectory:
             for kind, values in kinds.items()
         }
         if anatomy is not None:
-            expected = {key: flags.shape for key, flags in KeepMask.dense(anatomy).flags.items()}
+            layers = any(kind == WHOLE_LAYER for _, kind in pruned_at)  # a run that removes whole layers
+            expected = {key: flags.shape for key, flags in KeepMask.dense(anatomy, layers).flags.items()}
             if expected != {key: at.shape for key, at in pruned_at.items()}:
                 raise ValueError("trajectory does not match this model's structures")
         return cls(list(data["steps"]), pruned_at)

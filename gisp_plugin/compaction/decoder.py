@@ -4,6 +4,10 @@ The result is a ``GispPruned*ForCausalLM`` (see ``modeling_gisp_pruned``): the f
 each layer's projections resized, so it is really smaller and faster and gives the same outputs as the
 masked model it came from. What is cut follows from the anatomy alone; the declaration only says where
 the attention module is, whose head counts the family reads at run time.
+
+A layer removed as a whole (kind ``"layer"``) is left out: the remaining layers are renumbered (their
+``layer_idx``, hence the key/value cache slots) and the config's per-layer fields follow them
+(``config_without_layers``), so the compacted model is the family's own model with fewer layers.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from gisp_plugin.anatomy.decoder import DecoderDeclaration
 from gisp_plugin.anatomy.structures import KeepMask, LayerAnatomy, StructureKind, TensorSlice
 from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
 from gisp_plugin.compaction.slicing import Cut, cut_stacked, cut_tensor, gathered_rows
+from gisp_plugin.masking.masked_model import check_no_bias_in_removed_layers
 from gisp_plugin.masking.sparsifier import dense_tensor
 
 REMOTE_MODULE = "modeling_gisp_pruned"
@@ -181,14 +186,49 @@ def compact_layer(
     return spec, {key: value.detach().clone() for key, value in state.items()}
 
 
-def pruned_config(dense_config, specs: list[dict]):
-    """The config of the compacted model: the dense one plus per-layer shapes and remote-code pointers."""
+def _holds_experts(config, index: int) -> bool:
+    """Whether a Qwen-MoE-style config builds layer ``index`` with routed experts (its modelling code's rule)."""
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    experts = getattr(config, "num_experts", None) or 0
+    return index not in (getattr(config, "mlp_only_layers", None) or []) and experts > 0 and (index + 1) % step == 0
+
+
+def config_without_layers(config, kept: list[int]) -> dict:
+    """The fields (``to_dict``) of ``config`` for a model holding only the decoder layers ``kept``, renumbered.
+
+    ``num_hidden_layers`` shrinks; per-layer lists (``layer_types``: the sliding/full attention pattern of
+    Gemma 2/3, Qwen, Mistral) keep the entries of the kept layers; where a config picks the layers holding
+    routed experts by index (Qwen-MoE's ``mlp_only_layers`` and ``decoder_sparse_step``), the dense layers
+    are listed by their new indices, so every kept layer is built as it was.
+    """
+    values = config.to_dict()
+    dense = values["num_hidden_layers"]
+    if kept == list(range(dense)):
+        return values
+    if isinstance(values.get("layer_types"), list):
+        if len(values["layer_types"]) != dense:
+            raise ValueError(f"config lists {len(values['layer_types'])} layer types for {dense} layers")
+        values["layer_types"] = [values["layer_types"][i] for i in kept]
+    if "decoder_sparse_step" in values or "mlp_only_layers" in values:
+        values["mlp_only_layers"] = [new for new, old in enumerate(kept) if not _holds_experts(config, old)]
+        values["decoder_sparse_step"] = 1
+    values["num_hidden_layers"] = len(kept)
+    return values
+
+
+def pruned_config(dense_config, specs: list[dict], removed_layers: list[int] | None = None):
+    """The config of the compacted model: the dense one plus per-layer shapes and remote-code pointers.
+
+    ``specs`` describe the kept layers in order; ``removed_layers`` are the dense indices of the layers
+    removed as a whole (recorded as ``config.removed_layers``).
+    """
     family = dense_config.model_type
     config_cls, model_cls = pruned_classes(family)
-    values = dense_config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "pruned_layers"):
+    removed = sorted(removed_layers or [])
+    values = config_without_layers(dense_config, [i for i in range(dense_config.num_hidden_layers) if i not in removed])
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "pruned_layers", "removed_layers"):
         values.pop(key, None)
-    config = config_cls(**values, pruned_layers=specs, pruning_base_model_type=family)
+    config = config_cls(**values, pruned_layers=specs, pruning_base_model_type=family, removed_layers=removed)
     config.architectures = [model_cls.__name__]
     config.auto_map = {
         "AutoConfig": f"{REMOTE_MODULE}.{config_cls.__name__}",
@@ -211,20 +251,25 @@ def compact_decoder(
     ``extra_biases`` maps a module path (``model.layers.3.self_attn.o_proj``) to a bias a method adds to
     that projection's output (FLAP's bias compensation); it is folded into the compacted layer.
     ``pad_to`` > 1 rounds each layer's MLP width up with zero channels (same outputs, GPU-friendly shapes).
+    Layers removed as a whole are left out and the rest renumbered; removing every layer is refused.
     """
     extra = extra_biases or {}
+    check_no_bias_in_removed_layers(anatomy, keep, extra)
+    kept = [layer for layer in anatomy.layers if keep.layer_kept(layer.index)]
+    if not kept:
+        raise ValueError(f"every one of the {len(anatomy.layers)} decoder layers is removed; a model needs at least one")
     specs, state = [], {}
-    for layer in anatomy.layers:
+    for new_index, layer in enumerate(kept):
         prefix = f"{layer.prefix}."
         layer_extra = {path[len(prefix) :]: bias for path, bias in extra.items() if path.startswith(prefix)}
         spec, tensors = compact_layer(model.get_submodule(layer.prefix), layer, keep, declaration, layer_extra, pad_to)
         specs.append(spec)
-        state.update({prefix + key: value for key, value in tensors.items()})
+        state.update({f"model.layers.{new_index}.{key}": value for key, value in tensors.items()})
     for key, value in model.state_dict().items():
         if not key.startswith("model.layers."):
             state[key] = value.detach().clone()
 
-    config = pruned_config(model.config, specs)
+    config = pruned_config(model.config, specs, keep.removed_layers())
     _, model_cls = pruned_classes(model.config.model_type)
     with torch.device("meta"):
         compact = model_cls(config)

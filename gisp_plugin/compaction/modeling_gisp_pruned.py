@@ -176,9 +176,16 @@ def install_pruned_layers(model: nn.Module, config) -> None:
 class _PrunedConfigMixin:
     """Adds the per-layer shapes of a pruned model to a family's config."""
 
-    def __init__(self, pruned_layers: list[dict] | None = None, pruning_base_model_type: str = "", **kwargs):
+    def __init__(
+        self,
+        pruned_layers: list[dict] | None = None,
+        pruning_base_model_type: str = "",
+        removed_layers: list[int] | None = None,
+        **kwargs,
+    ):
         self.pruned_layers = pruned_layers or []
         self.pruning_base_model_type = pruning_base_model_type
+        self.removed_layers = list(removed_layers or [])
         super().__init__(**kwargs)
 
 

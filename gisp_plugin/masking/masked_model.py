@@ -33,6 +33,7 @@ class MaskedModel:
 
     def apply(self, keep: KeepMask, extra_biases: dict[str, torch.Tensor] | None = None) -> None:
         """Compute the subnetwork ``keep``; ``extra_biases`` maps module paths to added output biases."""
+        check_no_bias_in_removed_layers(self.anatomy, keep, extra_biases or {})
         self.sparsifier.apply(keep)
         self.routing.apply(keep)
         self.set_extra_biases(extra_biases or {})
@@ -61,6 +62,15 @@ class MaskedModel:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_no_bias_in_removed_layers(anatomy: ModelAnatomy, keep: KeepMask, extra_biases: dict[str, torch.Tensor]) -> None:
+    """A removed layer is the identity: an added output bias there would make it something else."""
+    for index in keep.removed_layers():
+        prefix = f"{anatomy.layers[index].prefix}."
+        named = sorted(path for path in extra_biases if path.startswith(prefix))
+        if named:
+            raise ValueError(f"an extra bias names {named[0]}, inside a removed layer; a removed layer adds nothing")
 
 
 def _add_bias(bias: torch.Tensor):

@@ -6,6 +6,7 @@ and ``squash_mask`` (or ``restore_dense``) removes them. Each mask is a subclass
 ``FakeStructuredSparsity`` whose mask broadcasts over the tensor, so rows, columns and fused tensors cut
 by several structures share one mechanism. Biases get their own parametrization instead of torch's
 ``BiasHook``, which reshapes biases in the convolution layout and corrupts a biased ``Linear`` on 3-D input.
+A removed layer (kind ``"layer"``) zeroes its whole output projections, so it adds nothing to the residual.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch.ao.pruning import BaseSparsifier
 from torch.ao.pruning._experimental.pruner import FakeStructuredSparsity
 from torch.nn.utils import parametrize
 
-from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+from gisp_plugin.anatomy.structures import WHOLE_LAYER, KeepMask, ModelAnatomy
 
 
 class BroadcastStructuredSparsity(FakeStructuredSparsity):
@@ -51,7 +52,8 @@ class StructureSparsifier(BaseSparsifier):
         """One config entry per masked tensor, with every (layer, kind, slice) whose flags drive its mask."""
         drivers: dict[str, list[dict]] = {}
         for layer in self.anatomy.layers:
-            for kind_name, kind in layer.kinds.items():
+            kinds = {**layer.kinds, **({WHOLE_LAYER: layer.whole} if layer.whole is not None else {})}
+            for kind_name, kind in kinds.items():
                 slices = [(s, None) for s in kind.owned] + [(d.slice, d) for d in kind.dependents]
                 for tensor_slice, dependent in slices:
                     driver = {"layer": layer.index, "kind": kind_name, "slice": tensor_slice, "dependent": dependent}

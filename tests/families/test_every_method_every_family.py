@@ -25,6 +25,7 @@ METHODS = {
     "wanda_sp": [],
     "flap": [],
     "llm_pruner": ["-o", "layer_start=0", "-o", "layer_end=3"],
+    "shortgpt": [],  # one of the 3 layers: 0.33
 }
 
 
@@ -70,11 +71,19 @@ def test_method_prunes_family_end_to_end(tmp_path, folders, family, method):
 
 
 def _folded_biases(dense, pruned) -> dict[str, torch.Tensor]:
-    """Output biases the pruned model adds over the dense one (FLAP's compensation; none for the others)."""
+    """Output biases the pruned model adds over the dense one (FLAP's compensation; none for the others).
+
+    Layers removed whole (ShortGPT) are absent from the pruned model, the others renumbered.
+    """
+    removed = pruned.config.removed_layers
+    kept = [i for i in range(dense.config.num_hidden_layers) if i not in removed]
     out = {}
     for path, module in dense.named_modules():
         if isinstance(module, torch.nn.Linear) and path.endswith(("o_proj", "down_proj")):
-            added = pruned.get_submodule(path).bias
+            layer = int(path.split(".")[2])
+            if layer in removed:
+                continue
+            added = pruned.get_submodule(path.replace(f"layers.{layer}.", f"layers.{kept.index(layer)}.", 1)).bias
             if added is not None:
                 out[path] = added.detach() - (module.bias.detach() if module.bias is not None else 0)
     return out

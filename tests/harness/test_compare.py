@@ -8,7 +8,7 @@ import pytest
 from gisp_plugin.cli import main
 from gisp_plugin.harness.cache import ResultCache
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
-from gisp_plugin.harness.runner import run_comparison
+from gisp_plugin.harness.runner import resolve_methods, run_comparison
 from tests.tiny import tiny_folder
 
 
@@ -112,3 +112,19 @@ def test_cache_key_mismatch_is_a_miss(tmp_path):
     cache.put("eval", {"a": 1}, {"x": 1})
     assert cache.get("eval", {"a": 1}) == {"x": 1}
     assert cache.get("eval", {"a": 2}) is None
+
+
+def test_compare_runs_shortgpt_and_rebuilds_its_removed_layers_from_the_cache(setup, tmp_path):
+    """The default method list holds shortgpt; its cached subnetworks (layer flags) compact again."""
+    _, model_dir, text = setup
+    assert "shortgpt" in resolve_methods(_config(model_dir, text, methods=[], method_options={}))
+    out = tmp_path / "results"
+    only = dict(methods=["shortgpt"], method_options={}, sparsities=[0.3])
+    first = run_comparison(_config(model_dir, text, **only), out)
+    pruned = next(row for row in first.rows if row.method == "shortgpt")
+    assert pruned.sparsity == pytest.approx(1 / 3)  # one of the 3 equal layers
+    other_eval = [f"perplexity:source=file:{text},seqlen=16,max_windows=4"]  # not cached: the subnetwork is rebuilt
+    again = run_comparison(_config(model_dir, text, **only, evals=other_eval), out)
+    assert all(cost.cached for cost in again.costs)
+    rebuilt = next(row for row in again.rows if row.method == "shortgpt")
+    assert rebuilt.sparsity == pruned.sparsity and rebuilt.metrics[f"ppl[file:{text}@16]"] > 1
