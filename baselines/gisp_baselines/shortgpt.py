@@ -48,6 +48,8 @@ from gisp_baselines.walk import pad_token_id
 from gisp_plugin.anatomy.structures import WHOLE_LAYER, KeepMask, ModelAnatomy
 from gisp_plugin.calibration.recorder import batch_size_for
 from gisp_plugin.data.api import CalibrationSet
+from gisp_plugin.distributed.context import is_main_process
+from gisp_plugin.distributed.data_parallel import merged_over_ranks, rank_share
 from gisp_plugin.finite import NonFiniteError
 from gisp_plugin.methods.api import CalibrationDefaults, MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.plugins import hookimpl
@@ -105,8 +107,12 @@ def block_influence(
     model: nn.Module, layers: nn.ModuleList, calibration: CalibrationSet, batch_size: int = 8, pad_id: int = 0
 ) -> BlockInfluence:
     """BI statistics of every decoder layer over ``calibration``, from forward passes of ``model`` as it is
-    (masked layers included: a removed layer is the identity and scores 0)."""
+    (masked layers included: a removed layer is the identity and scores 0).
+
+    Under torchrun each rank measures its share of the calibration set and the ranks' sums are merged,
+    so every rank ranks the layers alike."""
     totals = BlockInfluence(len(layers))
+    calibration, _ = rank_share(calibration)
     token_mask: list[torch.Tensor] = []  # the current batch's real tokens
 
     def hook(index: int):
@@ -121,14 +127,15 @@ def block_influence(
     device = next(model.parameters()).device
     size = batch_size_for(calibration, batch_size)
     try:
-        for batch in tqdm(calibration.batches(size, pad_id), desc="block influence", total=-(-len(calibration) // size)):
+        batches = calibration.batches(size, pad_id)
+        for batch in tqdm(batches, desc="block influence", total=-(-len(calibration) // size), disable=not is_main_process()):
             batch = batch.to(device)
             token_mask[:] = [batch.attention_mask.bool()]
             decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return totals
+    return merged_over_ranks({"bi": totals})["bi"]
 
 
 def without_layers(anatomy: ModelAnatomy, removed: list[int]) -> KeepMask:

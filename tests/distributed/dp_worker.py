@@ -33,6 +33,7 @@ METHODS = (
     ("wanda_sp_one_shot", "wanda_sp", {"sequential": False}),
     ("flap", "flap", {"batch_size": 3}),
     ("flap_ul_um", "flap", {"structure": "UL-UM", "propagate": "pruned"}),
+    ("shortgpt", "shortgpt", {"batch_size": 3}),  # block influence: one forward pass, sums merged over ranks
 )
 
 
