@@ -215,15 +215,29 @@ def compact_decoder(
     extra = extra_biases or {}
     specs, state = [], {}
     for layer in anatomy.layers:
-        prefix = f"{layer.prefix}."
-        layer_extra = {path[len(prefix) :]: bias for path, bias in extra.items() if path.startswith(prefix)}
-        spec, tensors = compact_layer(model.get_submodule(layer.prefix), layer, keep, declaration, layer_extra, pad_to)
+        spec, tensors = compact_layer(
+            model.get_submodule(layer.prefix), layer, keep, declaration, layer_extras(extra, layer.prefix), pad_to
+        )
         specs.append(spec)
-        state.update({prefix + key: value for key, value in tensors.items()})
+        state.update({f"{layer.prefix}.{key}": value for key, value in tensors.items()})
     for key, value in model.state_dict().items():
         if not key.startswith("model.layers."):
             state[key] = value.detach().clone()
+    return assemble_compacted(model, specs, state)
 
+
+def layer_extras(extra_biases: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The extra biases of one layer, keyed relative to it (``model.layers.3.mlp.down_proj`` -> ``mlp.down_proj``)."""
+    prefix = f"{prefix}."
+    return {path[len(prefix) :]: bias for path, bias in extra_biases.items() if path.startswith(prefix)}
+
+
+def assemble_compacted(model: PreTrainedModel, specs: list[dict], state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """The pruned model of per-layer ``specs`` and its full ``state`` (cut layers plus the untouched tensors).
+
+    ``model`` gives the dense config, the generation config and the non-persistent buffers (rotary
+    frequencies); its weights are not read.
+    """
     config = pruned_config(model.config, specs)
     _, model_cls = pruned_classes(model.config.model_type)
     with torch.device("meta"):

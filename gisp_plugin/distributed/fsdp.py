@@ -50,7 +50,7 @@ def shard_model(model: nn.Module, cpu_offload: bool = False) -> nn.Module:
     if is_sharded(model):
         raise ValueError("the model is already sharded")
     attach_dense_masks(model)
-    policy = {"offload_policy": CPUOffloadPolicy()} if cpu_offload else {}
+    policy = {"offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available())} if cpu_offload else {}
     layers = adapter_for(model).decoder_layers(model)
     for layer in layers:
         fully_shard(layer, **policy)
