@@ -8,18 +8,25 @@ ever holds a full gradient or a full float32 sum. The result is ``GradientSums``
 are ``DTensor`` shards; ``model_scores`` reduces per-unit scores of such tensors across ranks.
 
 The chain rule through a keep mask is autograd's (the masked weight is recomputed from the all-gathered
-``original`` in every forward), so masked units get exactly zero, as on one process. Every rank must run
-the same number of forward/backward passes (each is a collective): a rank with fewer batches runs its
-first batch again with zero weight.
+``original`` in every forward), so masked units get exactly zero, as on one process. A masked weight is a
+new tensor that each linear layer would keep for its backward: a whole unsharded copy of the model by
+the end of the forward. ``recomputed_masked_weights`` keeps a recipe instead (the mask and the owner of
+the weight) and recomputes the masked weight in backward, when FSDP has gathered that layer again.
+Every rank must run the same number of forward/backward passes (each is a collective): a rank with
+fewer batches runs its first batch again with zero weight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from gisp_plugin.data.api import CalibrationSet
@@ -33,6 +40,53 @@ from gisp_plugin.importance.gradients import (
     weight_tensor,
 )
 from gisp_plugin.inputs import InputError
+from gisp_plugin.masking.sparsifier import BroadcastStructuredSparsity
+
+
+@contextlib.contextmanager
+def recomputed_masked_weights(model: nn.Module) -> Iterator[None]:
+    """Let autograd save a recipe for each masked weight rather than the weight (see the module docstring).
+
+    A forward hook on every mask notes the masked weights it produces; the saved-tensor hooks swap such a
+    weight for ``(mask, owner)`` when autograd saves it and multiply again when backward needs it, from the
+    parameter the owner holds at that moment (the all-gathered one, inside that layer's backward).
+    """
+    produced: dict[int, tuple[weakref.ref, BroadcastStructuredSparsity, nn.Module]] = {}
+
+    def note(owner: nn.Module):
+        def hook(mask: BroadcastStructuredSparsity, inputs: tuple, output: torch.Tensor) -> None:
+            produced[id(output)] = (weakref.ref(output), mask, owner)
+
+        return hook
+
+    handles = []
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for chain in module.parametrizations.values():
+                for mask in chain:
+                    if isinstance(mask, BroadcastStructuredSparsity):
+                        handles.append(mask.register_forward_hook(note(chain)))
+
+    def pack(tensor: torch.Tensor):
+        entry = produced.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1], entry[2]
+        return tensor
+
+    def unpack(saved):
+        if isinstance(saved, tuple):
+            mask, chain = saved
+            with torch.no_grad():
+                return mask(chain.original)
+        return saved
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        produced.clear()
 
 
 def _local_share(calibration: CalibrationSet, share: range) -> CalibrationSet:
@@ -86,6 +140,7 @@ def accumulate_sharded_gradients(
         with (
             only_these_require_grad(model, list(params.values())),
             activation_checkpointing(model, gradient_checkpointing),
+            recomputed_masked_weights(model),
             torch.enable_grad(),
         ):
             for index in tqdm(range(rounds), desc=progress, leave=False, disable=True if progress is None else None):
