@@ -9,12 +9,13 @@ A random Llama (``benchmarks/shapes.py``, shape ``fsdp-llama`` by default: 24 la
 
 Each rank reports: the tensor bytes it holds of the weights and of the float32 gradient sums (the
 ``accounted`` memory, independent of the allocator), the peak resident memory during the step above
-what the process held before loading the model (a thread samples ``/proc/self/statm``), and the step's
-wall time. Beside each, ``gisp plan``'s prediction (``gisp_plugin.distributed.memory_model``) for the same
-shape, ranks, dtype and micro-batch. Rows with ``--gradient-checkpointing`` recompute each layer in backward.
+what the process held before loading the model (libraries imported and process group joined; a thread
+samples ``/proc/self/statm``), and the step's wall time. Beside each, ``gisp plan``'s prediction
+(``gisp_plugin.distributed.memory_model``) for the same shape, ranks, dtype and micro-batch. Rows with
+checkpointing recompute each layer in backward (``gradient_checkpointing=True``).
 
     python benchmarks/distributed.py                                  # table
-    python benchmarks/distributed.py --json benchmarks/results/distributed.json
+    python benchmarks/distributed.py --json distributed.json      # table + JSON file
 """
 
 from __future__ import annotations
@@ -88,7 +89,6 @@ def calibration(samples: int, seqlen: int, vocab: int):
 
 def worker(args: argparse.Namespace) -> None:
     """One process (or one rank): load, run one GISP step, report its measurements as one JSON line."""
-    before = resident_bytes()
     import torch
     import torch.distributed as dist
 
@@ -100,6 +100,7 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     setup = init_distributed("cpu", fsdp=args.fsdp)
+    before = resident_bytes()  # libraries imported, process group joined: what a process holds without a model
     if args.fsdp:
         from gisp_plugin.distributed.sharded_loading import load_sharded_model
 

@@ -142,6 +142,7 @@ def load_sharded_model(
         config._attn_implementation = attn_implementation
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers computed as the model does
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model.tie_weights()  # again outside the context, whose patched register_parameter copies a tied parameter
     computed = {name: buffer.clone() for name, buffer in model.named_buffers() if _non_persistent(model, name)}
     shard_model(model, cpu_offload=cpu_offload)
     model.to_empty(device="cpu" if cpu_offload else device)
@@ -152,7 +153,6 @@ def load_sharded_model(
             elif isinstance(_owner(model, name), BroadcastStructuredSparsity):
                 buffer.fill_(True)  # the dense masks shard_model attached
     _read_shards(model, path, torch_dtype)
-    model.tie_weights()
     log.info("rank %d loaded its shard of %s", setup.rank, path)
     return model.eval(), _tokenizer(path)
 

@@ -1,9 +1,11 @@
-"""One rank of the FSDP tests (``torchrun --nproc-per-node 2 tests/distributed/fsdp_worker.py FOLDER OUT``).
+"""One rank of the FSDP tests: ``torchrun --nproc-per-node 2 tests/distributed/fsdp_worker.py FOLDER TIED OUT [--cpu-offload]``.
 
 Through the public Python API only: load the tiny model in ``FOLDER`` sharded, compare nothing itself,
 and write what a one-process run must reproduce to ``OUT`` (rank 0; safetensors and JSON):
 the sharded model's logits, GISP's subnetworks on the sharded model, the raw unit scores of one
-masked step, and the logits of the compacted model gathered layer by layer onto rank 0.
+masked step, and the logits of the compacted model gathered layer by layer onto rank 0; also the logits
+of the model in ``TIED`` (tied embeddings, biases) loaded sharded. ``--cpu-offload`` keeps the shards in
+CPU memory and scores with gradient checkpointing (neither may change a result).
 """
 
 from __future__ import annotations
@@ -26,20 +28,24 @@ from gisp_plugin.pruning import run_method
 from tests.distributed.fsdp_cases import GISP_OPTIONS, TARGETS, calibration, probe_ids
 
 
-def main(folder: str, out: str, cpu_offload: bool) -> None:
+def main(folder: str, tied_folder: str, out: str, cpu_offload: bool) -> None:
     setup = init_distributed("cpu", fsdp=True)
     out_dir = Path(out)
     model, tokenizer = load_sharded_model(folder, "cpu", "float32", setup, cpu_offload=cpu_offload)
     tensors: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         tensors["loaded_logits"] = model(probe_ids()).logits.float().contiguous()
-    subnetworks = list(run_method(model, tokenizer, "gisp", TARGETS, GISP_OPTIONS, calibration=calibration()))
+    options = {**GISP_OPTIONS, "gradient_checkpointing": cpu_offload}
+    subnetworks = list(run_method(model, tokenizer, "gisp", TARGETS, options, calibration=calibration()))
     anatomy = adapter_for(model).anatomy(model)
     with MaskedModel(model, anatomy) as masked:  # one scoring pass on a masked model: the raw unit scores
         masked.apply(subnetworks[0].keep)
-        raw, sums = step_scores(model, anatomy, calibration(), GispOptions(**GISP_OPTIONS))
+        raw, sums = step_scores(model, anatomy, calibration(), GispOptions(**options))
     tensors.update({f"scores/{layer}/{kind}": values for (layer, kind), values in raw.items()})
     compact = compact_sharded(model, subnetworks[-1].keep)
+    tied, _ = load_sharded_model(tied_folder, "cpu", "float32", setup, cpu_offload=cpu_offload)
+    with torch.no_grad():
+        tensors["tied_logits"] = tied(probe_ids()).logits.float().contiguous()
     if setup.is_main:
         with torch.no_grad():
             tensors["compact_logits"] = compact(probe_ids()).logits.float().contiguous()
@@ -58,4 +64,4 @@ def main(folder: str, out: str, cpu_offload: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], "--cpu-offload" in sys.argv[3:])
+    main(sys.argv[1], sys.argv[2], sys.argv[3], "--cpu-offload" in sys.argv[4:])

@@ -1,5 +1,6 @@
 """FSDP2 on 2 CPU ranks (gloo), spawned with torchrun: sharded loading, GISP scoring and gathered compaction
-reproduce a one-process run on a tiny grouped-query-attention model (Mistral layout, 8 query / 2 kv heads).
+reproduce a one-process run on a tiny grouped-query-attention model (Mistral layout, 8 query / 2 kv heads);
+a second launch keeps the shards in CPU memory (``CPUOffloadPolicy``) and scores with gradient checkpointing.
 
 Tolerances: float32 throughout; logits agree to 1e-5 absolute (only summation order differs), raw unit
 scores to 1e-5 relative to each kind's largest score, and the pruned structures exactly.
@@ -45,10 +46,17 @@ def folder(tmp_path_factory) -> Path:
     return model_dir
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["fsdp", "fsdp+cpu_offload"])
-def sharded(request, folder, tmp_path_factory) -> dict:
+@pytest.fixture(scope="module")
+def tied_folder(tmp_path_factory) -> Path:
+    """Qwen2: tied embeddings (one parameter for the embeddings and the LM head) and q/k/v biases."""
+    model_dir, _ = tiny_folder(tmp_path_factory.mktemp("fsdp-tied"), "qwen2", tiny_tokenizer())
+    return model_dir
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["fsdp", "fsdp+cpu_offload+checkpointing"])
+def sharded(request, folder, tied_folder, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("out")
-    torchrun(WORKER, str(folder), str(out), *(["--cpu-offload"] if request.param else []))
+    torchrun(WORKER, str(folder), str(tied_folder), str(out), *(["--cpu-offload"] if request.param else []))
     return {"tensors": load_file(out / "tensors.safetensors"), **json.loads((out / "record.json").read_text())}
 
 
@@ -64,6 +72,14 @@ def test_sharded_loading_gives_the_logits_of_normal_loading(sharded, one_process
     with torch.no_grad():
         expected = one_process["model"](probe_ids()).logits
     torch.testing.assert_close(sharded["tensors"]["loaded_logits"], expected, rtol=0, atol=1e-5)
+
+
+def test_sharded_loading_keeps_tied_embeddings_and_biases(sharded, tied_folder):
+    model, _ = load_model(str(tied_folder))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        expected = model(probe_ids()).logits
+    torch.testing.assert_close(sharded["tensors"]["tied_logits"], expected, rtol=0, atol=1e-5)
 
 
 def test_fsdp_gisp_prunes_exactly_the_structures_of_one_process(sharded, one_process):

@@ -93,6 +93,8 @@ def test_cli_prints_a_table_and_json(capsys):
     assert "float32 gradient sums (shard)" in table and "fits on: " in table
     assert main(["plan", "--model", str(LLAMA_8B), "--nproc", "8", "--fsdp", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["nproc"] == 8 and plan["fsdp"] and plan["device_total"] / GIB == pytest.approx(
-        plan_memory(str(LLAMA_8B), 8, True).device_total / GIB
+    assert (
+        plan["nproc"] == 8
+        and plan["fsdp"]
+        and plan["device_total"] / GIB == pytest.approx(plan_memory(str(LLAMA_8B), 8, True).device_total / GIB)
     )
