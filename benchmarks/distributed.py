@@ -125,6 +125,7 @@ def worker(args: argparse.Namespace) -> None:
         "rss_before_load_mb": before / MB,
         "rss_loaded_mb": loaded / MB,
         "rss_step_peak_mb": sampler.peak / MB,
+        "rss_after_step_mb": resident_bytes() / MB,
         "step_s": elapsed,
         "sparsity": subnetworks[0].sparsity,
     }
