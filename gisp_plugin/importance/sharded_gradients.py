@@ -48,8 +48,9 @@ def recomputed_masked_weights(model: nn.Module) -> Iterator[None]:
     """Let autograd save a recipe for each masked weight rather than the weight (see the module docstring).
 
     A forward hook on every mask notes the masked weights it produces; the saved-tensor hooks swap such a
-    weight for ``(mask, owner)`` when autograd saves it and multiply again when backward needs it, from the
-    parameter the owner holds at that moment (the all-gathered one, inside that layer's backward).
+    weight, or a view of it (a linear layer saves the transposed weight), for ``(mask, owner, view)`` when
+    autograd saves it, and multiply again when backward needs it, from the parameter the owner holds at
+    that moment (the all-gathered one, inside that layer's backward).
     """
     produced: dict[int, tuple[weakref.ref, BroadcastStructuredSparsity, nn.Module]] = {}
 
@@ -68,16 +69,17 @@ def recomputed_masked_weights(model: nn.Module) -> Iterator[None]:
                         handles.append(mask.register_forward_hook(note(chain)))
 
     def pack(tensor: torch.Tensor):
-        entry = produced.get(id(tensor))
-        if entry is not None and entry[0]() is tensor:
-            return entry[1], entry[2]
+        base = tensor if tensor._base is None else tensor._base  # a linear layer saves the transposed weight
+        entry = produced.get(id(base))
+        if entry is not None and entry[0]() is base:
+            return entry[1], entry[2], (tensor.size(), tensor.stride(), tensor.storage_offset())
         return tensor
 
     def unpack(saved):
         if isinstance(saved, tuple):
-            mask, chain = saved
+            mask, chain, view = saved
             with torch.no_grad():
-                return mask(chain.original)
+                return mask(chain.original).as_strided(*view)
         return saved
 
     try:
