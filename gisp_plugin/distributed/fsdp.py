@@ -18,7 +18,7 @@ time (``distributed.sharded_compaction``).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -79,7 +79,7 @@ def gathered(module: nn.Module) -> Iterator[nn.Module]:
         module.reshard()
 
 
-def local_bytes(tensors: Iterator[torch.Tensor]) -> int:
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes this rank holds of ``tensors`` (a ``DTensor`` counts its local shard only)."""
     total = 0
     for tensor in tensors:

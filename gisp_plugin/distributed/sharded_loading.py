@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from gisp_plugin.distributed.context import DistributedSetup, device_for
 from gisp_plugin.distributed.fsdp import shard_model
-from gisp_plugin.inputs import check_device
+from gisp_plugin.inputs import InputError, check_device
 from gisp_plugin.masking.sparsifier import BroadcastStructuredSparsity
 from gisp_plugin.models.loading import ModelLoadError, _tokenizer, check_weights, parse_dtype, resolve_model_path
 
@@ -131,6 +131,8 @@ def load_sharded_model(
     ``device``: where this rank computes (``cuda`` means ``cuda:LOCAL_RANK``). ``cpu_offload``: keep the
     shards in CPU memory between uses (FSDP2 ``CPUOffloadPolicy``). Every rank must call it.
     """
+    if not dist.is_initialized():
+        raise InputError("sharded loading needs the ranks of a torchrun launch: call init_distributed(device, fsdp=True) first")
     torch_dtype = parse_dtype(dtype)
     device = check_device(device_for(setup, str(device)))
     path = resolve_model_path(name_or_folder)

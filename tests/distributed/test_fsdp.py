@@ -111,3 +111,12 @@ def test_compaction_gathered_on_rank_0_equals_the_masked_dense_model(sharded, on
     torch.testing.assert_close(sharded["tensors"]["compact_logits"], expected, rtol=0, atol=1e-5)
     compact = adapter_for(model).compact(model, keep)
     assert sharded["compact_params"] == sum(p.numel() for p in compact.parameters())
+
+
+def test_sharded_loading_outside_torchrun_is_refused(folder):
+    from gisp_plugin.distributed.context import DistributedSetup
+    from gisp_plugin.distributed.sharded_loading import load_sharded_model
+    from gisp_plugin.inputs import InputError
+
+    with pytest.raises(InputError, match="torchrun"):
+        load_sharded_model(str(folder), "cpu", "float32", DistributedSetup())
