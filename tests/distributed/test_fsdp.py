@@ -20,6 +20,9 @@ from safetensors.torch import load_file
 
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
+from gisp_plugin.distributed.context import DistributedSetup
+from gisp_plugin.distributed.sharded_loading import load_sharded_model
+from gisp_plugin.inputs import InputError
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.methods.gisp import GispOptions, step_scores
 from gisp_plugin.models.loading import load_model
@@ -114,9 +117,5 @@ def test_compaction_gathered_on_rank_0_equals_the_masked_dense_model(sharded, on
 
 
 def test_sharded_loading_outside_torchrun_is_refused(folder):
-    from gisp_plugin.distributed.context import DistributedSetup
-    from gisp_plugin.distributed.sharded_loading import load_sharded_model
-    from gisp_plugin.inputs import InputError
-
     with pytest.raises(InputError, match="torchrun"):
         load_sharded_model(str(folder), "cpu", "float32", DistributedSetup())
