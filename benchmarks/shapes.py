@@ -27,6 +27,15 @@ SHAPES = {
         num_attention_heads=16,
         num_key_value_heads=4,
     ),
+    # 0.33 B parameters: big enough that weights and gradient sums dominate a process (benchmarks/distributed.py)
+    "fsdp-llama": dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+    ),
     # TinyLlama-1.1B: 22 layers, 32 query / 4 key-value heads, hidden 2048, MLP 5632
     "tinyllama": dict(
         vocab_size=32000,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -24,6 +25,8 @@ class ArchitectureAdapter:
     off a model; ``decoder_layers`` returns the layer list (sequential calibration walks it);
     ``compact(model, keep, extra_biases, pad_to)`` builds the physically smaller model for a ``KeepMask``
     and extra output biases, optionally padding widths to a multiple of ``pad_to`` with inert zeros.
+    ``declaration`` is the family's ``DecoderDeclaration`` when the adapter is a Llama-like decoder (a
+    model sharded with FSDP is compacted layer by layer from it, see ``distributed.sharded_compaction``).
     """
 
     name: str
@@ -32,6 +35,7 @@ class ArchitectureAdapter:
     anatomy: Callable[[PreTrainedModel], ModelAnatomy]
     decoder_layers: Callable[[PreTrainedModel], nn.ModuleList]
     compact: Callable[..., PreTrainedModel]
+    declaration: Any = None
 
 
 def adapter_for(model: PreTrainedModel) -> ArchitectureAdapter:

@@ -38,6 +38,7 @@ def decoder_adapter(
         anatomy=anatomy,
         decoder_layers=lambda model: model.model.layers,
         compact=compact,
+        declaration=declaration,
     )
 
 

@@ -27,6 +27,7 @@ COMMANDS = (
     "gisp_plugin.cli.eval_cmd",
     "gisp_plugin.cli.compare_cmd",
     "gisp_plugin.cli.push_cmd",
+    "gisp_plugin.cli.plan_cmd",
 )
 
 

@@ -254,22 +254,47 @@ def compact_decoder(
     Layers removed as a whole are left out and the rest renumbered; removing every layer is refused.
     """
     extra = extra_biases or {}
-    check_no_bias_in_removed_layers(anatomy, keep, extra)
-    kept = [layer for layer in anatomy.layers if keep.layer_kept(layer.index)]
-    if not kept:
-        raise ValueError(f"every one of the {len(anatomy.layers)} decoder layers is removed; a model needs at least one")
     specs, state = [], {}
-    for new_index, layer in enumerate(kept):
-        prefix = f"{layer.prefix}."
-        layer_extra = {path[len(prefix) :]: bias for path, bias in extra.items() if path.startswith(prefix)}
-        spec, tensors = compact_layer(model.get_submodule(layer.prefix), layer, keep, declaration, layer_extra, pad_to)
+    for new_index, layer in enumerate(kept_layers(anatomy, keep, extra)):
+        spec, tensors = compact_layer(
+            model.get_submodule(layer.prefix), layer, keep, declaration, layer_extras(extra, layer.prefix), pad_to
+        )
         specs.append(spec)
         state.update({f"model.layers.{new_index}.{key}": value for key, value in tensors.items()})
     for key, value in model.state_dict().items():
         if not key.startswith("model.layers."):
             state[key] = value.detach().clone()
+    return assemble_compacted(model, specs, state, keep.removed_layers())
 
-    config = pruned_config(model.config, specs, keep.removed_layers())
+
+def kept_layers(anatomy, keep: KeepMask, extra_biases: dict[str, torch.Tensor]) -> list[LayerAnatomy]:
+    """The layers a compacted model holds, in order (their new index is their place in the list).
+
+    Removing every layer, or adding a bias inside a removed one, is refused.
+    """
+    check_no_bias_in_removed_layers(anatomy, keep, extra_biases)
+    kept = [layer for layer in anatomy.layers if keep.layer_kept(layer.index)]
+    if not kept:
+        raise ValueError(f"every one of the {len(anatomy.layers)} decoder layers is removed; a model needs at least one")
+    return kept
+
+
+def layer_extras(extra_biases: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The extra biases of one layer, keyed relative to it (``model.layers.3.mlp.down_proj`` -> ``mlp.down_proj``)."""
+    prefix = f"{prefix}."
+    return {path[len(prefix) :]: bias for path, bias in extra_biases.items() if path.startswith(prefix)}
+
+
+def assemble_compacted(
+    model: PreTrainedModel, specs: list[dict], state: dict[str, torch.Tensor], removed_layers: list[int] | None = None
+) -> PreTrainedModel:
+    """The pruned model of per-layer ``specs`` and its full ``state`` (cut layers plus the untouched tensors);
+    ``removed_layers`` are the dense indices of layers removed as a whole (the others renumbered in ``state``).
+
+    ``model`` gives the dense config, the generation config and the non-persistent buffers (rotary
+    frequencies); its weights are not read.
+    """
+    config = pruned_config(model.config, specs, removed_layers)
     _, model_cls = pruned_classes(model.config.model_type)
     with torch.device("meta"):
         compact = model_cls(config)

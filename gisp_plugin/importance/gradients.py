@@ -240,7 +240,27 @@ def accumulate_gradients(
     what they cost on an unmasked model; the chain rule through the mask is applied once at the end.
     The result is the gradient with respect to the dense original, ``mask * g``: masked units get
     exactly zero.
+
+    A model sharded with FSDP2 (``gisp_plugin.distributed.fsdp.shard_model``) takes its own path: each
+    rank runs its share of the data and the sums come back sharded like the weights (``sharded_gradients``).
     """
+    from gisp_plugin.distributed.fsdp import is_sharded
+
+    if is_sharded(model):
+        from gisp_plugin.importance.sharded_gradients import accumulate_sharded_gradients
+
+        return accumulate_sharded_gradients(
+            model,
+            paths,
+            calibration,
+            objective,
+            batch_size=batch_size,
+            per_sample_squares=per_sample_squares,
+            gradient_checkpointing=gradient_checkpointing,
+            sample_weights=sample_weights,
+            pad_token_id=pad_token_id,
+            progress=progress,
+        )
     weights = objective.sample_weights(calibration) if sample_weights is None else sample_weights
     weights = weights.to(torch.float64).cpu()
     if weights.shape != (len(calibration),):

@@ -2,6 +2,12 @@
 
 A per-element score is a tensor shaped like the weight (``|W * g|``, ``W ** 2``, ...). A unit's
 score is the sum over every slice it owns: rows or columns, in runs of the slice's width.
+
+Score tensors of a model sharded with FSDP2 are ``DTensor`` shards (a rank holds some rows of each
+weight): each rank sums its own elements to the units (rows it holds go to their units; columns get the
+partial sums over its rows), and the per-position vectors are all-reduced across ranks, so every rank
+gets the same unit scores as one process would (a head's ``q_proj`` rows and ``o_proj`` columns may
+sit on different ranks). Scoring code needs to know nothing of this.
 """
 
 from __future__ import annotations
@@ -9,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from gisp_plugin.anatomy.structures import ModelAnatomy, StructureKind, TensorSlice
 from gisp_plugin.masking.sparsifier import dense_tensor
@@ -19,8 +27,30 @@ Scores = dict[tuple[int, str], torch.Tensor]
 
 def sum_slice(tensor_scores: torch.Tensor, tensor_slice: TensorSlice, count: int) -> torch.Tensor:
     """Per-unit sums (float64 ``[count]``) of an element-wise score tensor over one owned slice."""
-    along = tensor_slice.along_axis(tensor_scores.double())
+    if isinstance(tensor_scores, DTensor):
+        along = _sharded_along_axis(tensor_scores, tensor_slice)
+    else:
+        along = tensor_slice.along_axis(tensor_scores.double())
     return tensor_slice.per_unit(along, count).sum(1)
+
+
+def _sharded_along_axis(tensor_scores: DTensor, tensor_slice: TensorSlice) -> torch.Tensor:
+    """``tensor_slice.along_axis`` of the whole (sharded) tensor, summed across ranks: float64, on every rank."""
+    local = tensor_scores.to_local().double()
+    kept = (0, tensor_slice.axis) if tensor_slice.stacked else (tensor_slice.axis,)
+    along = tensor_slice.along_axis(local)  # over the kept dims of this rank's rows
+    (placement,) = tensor_scores.placements
+    if isinstance(placement, Shard) and placement.dim in kept:  # this rank holds a run of the kept positions
+        full = torch.zeros([tensor_scores.shape[d] for d in kept], dtype=torch.float64, device=local.device)
+        position = kept.index(placement.dim)
+        mesh = tensor_scores.device_mesh
+        chunk = -(-tensor_scores.shape[placement.dim] // mesh.size())  # torch.chunk sizes, as FSDP2 shards dim 0
+        full.narrow(position, min(mesh.get_local_rank() * chunk, full.shape[position]), along.shape[position]).copy_(along)
+        along = full
+    elif not isinstance(placement, Shard):
+        return along  # replicated: every rank holds the whole tensor
+    dist.all_reduce(along, group=tensor_scores.device_mesh.get_group())  # partial sums over each rank's rows
+    return along
 
 
 def kind_scores(

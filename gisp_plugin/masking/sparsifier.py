@@ -7,6 +7,12 @@ and ``squash_mask`` (or ``restore_dense``) removes them. Each mask is a subclass
 by several structures share one mechanism. Biases get their own parametrization instead of torch's
 ``BiasHook``, which reshapes biases in the convolution layout and corrupts a biased ``Linear`` on 3-D input.
 A removed layer (kind ``"layer"``) zeroes its whole output projections, so it adds nothing to the residual.
+
+A model sharded with FSDP2 must carry its masks before ``fully_shard`` (FSDP then shards the masked
+tensor's ``original`` and all-gathers it for the forward; a parametrization registered afterwards would
+see the sharded tensor). ``gisp_plugin.distributed.fsdp.shard_model`` therefore registers all-ones masks
+first; ``prepare`` adopts such masks instead of stacking new ones, and ``restore_dense`` sets them back to
+all ones instead of removing them.
 """
 
 from __future__ import annotations
@@ -40,6 +46,16 @@ def dense_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     return getattr(module, name, None)
 
 
+def resident_mask(module: nn.Module, name: str) -> BroadcastStructuredSparsity | None:
+    """The mask already attached to ``module.<name>`` as its only parametrization (a sharded model's), if any."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    chain = getattr(module.parametrizations, name)
+    if len(chain) == 1 and isinstance(chain[0], BroadcastStructuredSparsity):
+        return chain[0]
+    return None
+
+
 class StructureSparsifier(BaseSparsifier):
     """Masks every tensor slice of every structure kind according to a ``KeepMask``."""
 
@@ -66,9 +82,15 @@ class StructureSparsifier(BaseSparsifier):
     def _prepare(self, *args, **kwargs) -> None:
         for group in self.groups:
             module, name = group["module"], group["tensor_name"]
-            mask = self._mask(group["drivers"], getattr(module, name))
+            adopted = resident_mask(module, name)
+            mask = self._mask(group["drivers"], dense_tensor(module, name))
+            group["adopted"] = adopted is not None
+            if adopted is not None:
+                adopted.mask.copy_(mask)
+                mask = adopted.mask
+            else:
+                parametrize.register_parametrization(module, name, BroadcastStructuredSparsity(mask))
             self.state[group["tensor_fqn"]]["mask"] = mask
-            parametrize.register_parametrization(module, name, BroadcastStructuredSparsity(mask))
 
     def _mask(self, drivers: list[dict], tensor: torch.Tensor) -> torch.Tensor:
         """The conjunction of every driver's keep mask for ``tensor`` under the current ``KeepMask``."""
@@ -92,5 +114,8 @@ class StructureSparsifier(BaseSparsifier):
     def restore_dense(self) -> None:
         """Remove every mask and give the model back its dense, unmasked weights."""
         for group in self.groups:
-            parametrize.remove_parametrizations(group["module"], group["tensor_name"], leave_parametrized=False)
+            if group.get("adopted"):
+                resident_mask(group["module"], group["tensor_name"]).mask.fill_(True)
+            else:
+                parametrize.remove_parametrizations(group["module"], group["tensor_name"], leave_parametrized=False)
         self.groups = []
