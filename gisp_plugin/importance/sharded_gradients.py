@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from gisp_plugin.data.api import CalibrationSet
 from gisp_plugin.distributed.context import DistributedSetup, current_setup, shard_range
+from gisp_plugin.distributed.data_parallel import rank_share
 from gisp_plugin.finite import NonFiniteError
 from gisp_plugin.importance.gradients import (
     GradientSums,
@@ -91,12 +92,6 @@ def recomputed_masked_weights(model: nn.Module) -> Iterator[None]:
         produced.clear()
 
 
-def _local_share(calibration: CalibrationSet, share: range) -> CalibrationSet:
-    """The samples ``share`` of ``calibration`` as a set of their own (same order)."""
-    part = slice(share.start, share.stop)
-    return CalibrationSet(calibration.name, calibration.sequences[part], calibration.loss_masks[part], calibration.polarity[part])
-
-
 def accumulate_sharded_gradients(
     model: nn.Module,
     paths: list[str],
@@ -118,8 +113,7 @@ def accumulate_sharded_gradients(
     weights = weights.to(torch.float64).cpu()
     if weights.shape != (len(calibration),):
         raise ValueError(f"sample weights need shape ({len(calibration)},), got {tuple(weights.shape)}")
-    share = shard_range(len(calibration), setup)
-    local, local_weights = _local_share(calibration, share), weights[share.start : share.stop]
+    local, local_weights = rank_share(calibration, weights, setup)
     rounds = max(
         math.ceil(len(shard_range(len(calibration), DistributedSetup(setup.world_size, r))) / batch_size)
         for r in range(setup.world_size)
@@ -153,7 +147,7 @@ def accumulate_sharded_gradients(
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
                 losses = objective.per_sample(logits, batch)  # [batch]
                 if not bool(torch.isfinite(losses.detach()).all()):
-                    first = share.start + start
+                    first = shard_range(len(calibration), setup).start + start
                     raise NonFiniteError(
                         f"calibration loss is not finite at samples {first}..{first + len(batch) - 1} of {calibration.name!r}; "
                         "check the model dtype (float16 overflows easily) and the data"
