@@ -22,6 +22,8 @@ from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
 from gisp_plugin.data.loading import load_calibration
 from gisp_plugin.distributed.context import DistributedSetup
+from gisp_plugin.distributed.fsdp import is_sharded
+from gisp_plugin.distributed.sharded_compaction import compact_sharded
 from gisp_plugin.finite import check_finite_tensors, check_finite_weights
 from gisp_plugin.inputs import check_int, check_seqlen, context_limit
 from gisp_plugin.masking.masked_model import MaskedModel
@@ -178,13 +180,21 @@ def run_method(
         model.train(was_training)
 
 
-def compact_subnetwork(model: PreTrainedModel, subnetwork: Subnetwork, pad_to: int = 1) -> tuple[PreTrainedModel, dict[str, int]]:
+def compact_subnetwork(
+    model: PreTrainedModel, subnetwork: Subnetwork, pad_to: int = 1
+) -> tuple[PreTrainedModel | None, dict[str, int]]:
     """The physically smaller model for ``subnetwork`` and its parameter counts before and after.
 
     ``pad_to`` > 1 rounds MLP widths up to a multiple with zero channels: identical outputs, and the
-    matrix shapes GPUs run fast (counted parameters then include the padding).
+    matrix shapes GPUs run fast (counted parameters then include the padding). A model sharded with FSDP2
+    is gathered layer by layer onto rank 0 (every rank must call this); the other ranks get ``(None, {})``.
     """
-    compact = adapter_for(model).compact(model, subnetwork.keep, subnetwork.extra_biases, pad_to)
+    if is_sharded(model):
+        compact = compact_sharded(model, subnetwork.keep, subnetwork.extra_biases, pad_to)
+        if compact is None:
+            return None, {}
+    else:
+        compact = adapter_for(model).compact(model, subnetwork.keep, subnetwork.extra_biases, pad_to)
     before, after = count_params(model), count_params(compact)
     params = {
         "decoder_dense": before["decoder"],

@@ -111,6 +111,7 @@ LLM_PRUNER = MethodSpec(
     options=LlmPrunerOptions,
     calibration=CalibrationDefaults(source="c4", n_samples=10, seqlen=64),
     nested=True,
+    shardable=True,
     max_sparsity=max_sparsity,
 )
 

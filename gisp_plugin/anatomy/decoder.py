@@ -111,7 +111,7 @@ def _linear(layer: nn.Module, path: str) -> nn.Linear:
 def _row_slices(layer: nn.Module, projection: _Projection, width: int) -> list[TensorSlice]:
     """The weight rows (and bias rows, if the projection has a bias) of a run of units."""
     slices = [TensorSlice(f"{projection.linear}.weight", 0, width, projection.offset)]
-    if _linear(layer, projection.linear).bias is not None:
+    if _tensor(layer, f"{projection.linear}.bias") is not None:  # the dense bias: a masked one may be sharded
         slices.append(TensorSlice(f"{projection.linear}.bias", 0, width, projection.offset))
     return slices
 

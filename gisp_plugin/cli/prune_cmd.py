@@ -7,6 +7,11 @@ see ``gisp_plugin.distributed``): they reach the same subnetworks. Then they lea
 alone compacts, saves and prints, so no rank ever waits on rank 0's writing. ``pruning.json`` records the
 setup (``distributed: {world_size, backend, fsdp}``); the run's request (``run.json``) does not name it, so
 a run started on N ranks resumes on M.
+
+With ``--fsdp`` the ranks join the group first and each loads only its shard of every tensor (FSDP2
+``fully_shard`` per decoder layer; ``gisp_plugin.distributed``), so no rank holds the whole model; methods
+declared ``shardable`` (gisp, llm_pruner) score on the sharded model, and each compacted model is gathered
+layer by layer onto rank 0, which writes it. ``--cpu-offload`` keeps the shards in CPU memory between uses.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from gisp_plugin.deploy.padding import default_pad_to
 from gisp_plugin.deploy.quantize import CHOICES, QuantChoice, check_quantization, quantization_info, quantize_model
 from gisp_plugin.deploy.size import weights_bytes
 from gisp_plugin.distributed.context import DistributedSetup, device_for, init_distributed, launch_setup, leave_distributed
-from gisp_plugin.inputs import check_attention, check_device, check_seqlen, context_limit, folder_context_limit
+from gisp_plugin.distributed.sharded_loading import load_sharded_model
+from gisp_plugin.inputs import InputError, check_attention, check_device, check_seqlen, context_limit, folder_context_limit
 from gisp_plugin.methods.api import MethodSpec
 from gisp_plugin.methods.options import options_to_dict, parse_assignments
 from gisp_plugin.models.loading import DEFAULT_MODEL, load_model, parse_dtype
@@ -90,6 +96,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an --out folder that holds another run (swapped in when complete)"
+    )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model across the ranks with FSDP2 (methods that score by gradients: gisp, llm_pruner)",
+    )
+    parser.add_argument(
+        "--cpu-offload", action="store_true", help="with --fsdp: keep the shards in CPU memory between uses (CPUOffloadPolicy)"
     )
     parser.set_defaults(run=run, data_parallel=True)
 
@@ -159,6 +173,7 @@ def check_inputs(args: argparse.Namespace) -> tuple:
     args.pad_to = default_pad_to(args.device, args.pad_to)
     recovery = recovery_request(request, args)
     check_ranks(request, launch_setup())
+    check_sharding(args, spec, launch_setup())
     limit = folder_context_limit(args.model) if Path(args.model).expanduser().is_dir() else None
     for what, data in (("calibration", request), ("recovery", recovery)):
         if data is not None:
@@ -177,15 +192,41 @@ def check_ranks(request: CalibrationRequest | None, launch: DistributedSetup) ->
         )
 
 
+def check_sharding(args: argparse.Namespace, spec: MethodSpec, launch: DistributedSetup) -> None:
+    """``--fsdp`` needs torchrun with several ranks and a method that scores sharded models."""
+    if args.cpu_offload and not args.fsdp:
+        raise InputError("--cpu-offload keeps FSDP shards in CPU memory; give it together with --fsdp")
+    if not args.fsdp:
+        return
+    if not launch.enabled:
+        raise InputError("--fsdp shards the model across ranks: launch with torchrun --nproc-per-node N (N >= 2)")
+    if not spec.shardable:
+        raise InputError(
+            f"method {spec.name!r} does not run on a model sharded with --fsdp; run it data parallel (torchrun without --fsdp)"
+        )
+
+
+def load_for_job(args: argparse.Namespace) -> tuple[PreTrainedModel, Any, DistributedSetup | None]:
+    """The model and tokenizer on this rank's device; with ``--fsdp`` the ranks join first and each loads its shard
+    (the setup is returned then; otherwise the ranks join after every check, in ``run``)."""
+    launch = launch_setup()
+    if not args.fsdp:
+        return *load_model(args.model, device_for(launch, args.device), args.dtype, args.attn), None
+    setup = init_distributed(args.device, fsdp=True)
+    device = device_for(setup, args.device)
+    model, tokenizer = load_sharded_model(args.model, device, args.dtype, setup, args.cpu_offload, args.attn)
+    return model, tokenizer, setup
+
+
 def run(args: argparse.Namespace) -> int:
     options, spec, parsed, targets, request, recovery, quantization, folder = check_inputs(args)  # before loading anything
-    model, tokenizer = load_model(args.model, device_for(launch_setup(), args.device), args.dtype, args.attn)
+    model, tokenizer, sharded = load_for_job(args)
     check_run(model, args.method, targets, options, request)  # reach of the targets, context, finite weights
     if recovery is not None:
         check_seqlen("recovery", recovery.seqlen, context_limit(model.config), args.model)
     main = launch_setup().is_main
     recovery_data = load_calibration(recovery, tokenizer) if recovery is not None and main else None
-    setup = init_distributed(args.device)  # every check passed on every rank: join the job (nothing outside torchrun)
+    setup = sharded or init_distributed(args.device)  # every check passed on every rank: join the job (nothing outside torchrun)
     if main:
         folder.start()
     try:
@@ -220,6 +261,8 @@ def prune_into(
 
     One process writes each model as soon as its target is reached. Under torchrun every rank runs the
     method to its end, the ranks leave the group, and rank 0 alone writes (the others return nothing).
+    A sharded (``--fsdp``) job stays together while compacting: every rank takes part in gathering each
+    compacted model onto rank 0, which writes it.
     """
     setup = setup or DistributedSetup()
     out: Path = folder.path
@@ -229,9 +272,16 @@ def prune_into(
     subnetworks = run_method(model, tokenizer, args.method, targets, options, request, args.seed, out / ".work", trajectory)
     if setup.enabled:
         subnetworks = list(subnetworks)  # keep masks and biases: small; the collective work ends here
-        leave_distributed()
-        if not setup.is_main:
-            return []
+        if setup.fsdp and not args.trajectory_only:
+            if not setup.is_main:  # help gather every compacted model onto rank 0, which writes
+                for subnetwork in subnetworks:
+                    compact_subnetwork(model, subnetwork, args.pad_to)
+                leave_distributed()
+                return []
+        else:
+            leave_distributed()
+            if not setup.is_main:
+                return []
     for subnetwork in subnetworks:
         line = {"target": subnetwork.target, "structural_sparsity": round(subnetwork.sparsity, 5)}
         if not args.trajectory_only:
@@ -266,5 +316,7 @@ def prune_into(
         log.info("target %.2f: %s", subnetwork.target, json.dumps(line))
         if spec.nested:
             trajectory.save(out / "trajectory.json")
+    if setup.fsdp:
+        leave_distributed()
     folder.finish(summary)
     return summary

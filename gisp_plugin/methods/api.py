@@ -84,7 +84,9 @@ class MethodSpec:
     """A pruning method as registered with the plugin manager.
 
     ``max_sparsity(anatomy, options)`` tells the largest reachable target (protected layers count);
-    ``nested`` says whether one run's subnetworks are nested, so that a trajectory describes them all.
+    ``nested`` says whether one run's subnetworks are nested, so that a trajectory describes them all;
+    ``shardable`` says whether the method runs on a model sharded with FSDP2 (``gisp prune --fsdp``): true
+    for methods that score through the gradient engine and ``model_scores``, which handle sharded tensors.
     """
 
     name: str
@@ -94,6 +96,7 @@ class MethodSpec:
     calibration: CalibrationDefaults | None = None
     nested: bool = False
     max_sparsity: Callable[[ModelAnatomy, Any], float] | None = None
+    shardable: bool = False
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]

@@ -440,6 +440,7 @@ GISP = MethodSpec(
     options=GispOptions,
     calibration=CalibrationDefaults("c4", 2000, 256),
     nested=True,
+    shardable=True,
     max_sparsity=max_sparsity,
 )
 

@@ -84,3 +84,30 @@ def test_commands_that_do_not_split_run_on_rank_0_alone(rank, capsys):
     rank(0)
     assert main(["methods"]) == 0
     assert "gisp" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("method", "flags", "message"),
+    [
+        ("gisp", ["--fsdp"], "--fsdp shards the model across ranks: launch with torchrun --nproc-per-node N (N >= 2)"),
+        ("gisp", ["--cpu-offload"], "--cpu-offload keeps FSDP shards in CPU memory; give it together with --fsdp"),
+    ],
+)
+def test_sharding_flags_outside_torchrun_are_refused_before_the_model_is_loaded(tmp_path, capsys, method, flags, message):
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(tmp_path / "no-such-model"), "--method", method, "--sparsity", "0.2", "--out", str(out)]
+    assert main([*args, "--device", "cpu", *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"gisp prune: error: {message}"]
+    assert not out.exists()
+
+
+def test_a_method_that_cannot_score_a_sharded_model_is_refused_under_fsdp(rank, tmp_path, capsys):
+    rank(0)
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(tmp_path / "no-such-model"), "--method", "wanda_sp", "--sparsity", "0.2", "--fsdp"]
+    assert main([*args, "--out", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "gisp prune: error: method 'wanda_sp' does not run on a model sharded with --fsdp; "
+        "run it data parallel (torchrun without --fsdp)"
+    ]
+    assert not out.exists()

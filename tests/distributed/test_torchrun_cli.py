@@ -75,6 +75,30 @@ def test_prune_on_two_ranks_writes_what_one_process_writes(dense, tmp_path, caps
             torch.testing.assert_close(compact(ids).logits, dense_model(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_prune_with_fsdp_shards_the_model_and_writes_what_one_process_writes(dense, tmp_path):
+    """``--fsdp``: each rank loads its shard, GISP scores the sharded model, rank 0 writes each gathered compacted model."""
+    model_dir, text = dense
+    options = ("steps=2", "protect=none")
+    job = torchrun("-m", "gisp_plugin", *_prune_args(model_dir, text, tmp_path / "fsdp", "gisp", *options), "--fsdp")
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert main(_prune_args(model_dir, text, tmp_path / "one", "gisp", *options)) == 0
+    printed = [json.loads(line) for line in job.stdout.splitlines()]
+    assert [p["target"] for p in printed] == [0.2, 0.4]
+    sharded, one = _records(tmp_path / "fsdp"), _records(tmp_path / "one")
+    assert sorted(sharded) == sorted(one) == ["gisp-s0.20", "gisp-s0.40"]
+    dense_model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    anatomy = adapter_for(dense_model).anatomy(dense_model)
+    ids = random_ids()
+    for name, record in sharded.items():
+        assert record["pruned_structures"] == one[name]["pruned_structures"]
+        assert record["params"] == one[name]["params"]
+        assert record["distributed"] == {"world_size": 2, "backend": "gloo", "fsdp": True}
+        compact = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / name, trust_remote_code=True).eval()
+        with MaskedModel(dense_model, anatomy) as masked, torch.no_grad():
+            masked.apply(KeepMask.from_json(anatomy, record["pruned_structures"]))
+            torch.testing.assert_close(compact(ids).logits, dense_model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_compare_on_two_ranks_prunes_together_and_rank_0_evaluates(dense, tmp_path):
     model_dir, text = dense
     out = tmp_path / "compare"
