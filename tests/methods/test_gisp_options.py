@@ -116,7 +116,7 @@ def test_separate_ranking_gives_each_pool_the_same_parameter_fraction_under_gqa(
     assert subnetworks[1].keep.is_subset_of(subnetworks[0].keep)
 
 
-def test_separate_ranking_reach_is_the_smaller_pool_share():
+def test_separate_ranking_reach_and_the_refusal_above_it():
     model = tiny_model("llama", layers=4)
     anatomy = adapter_for(model).anatomy(model)
     # layers 0 and 3 of 4 protected: half of each pool can go, so half of the pools' parameters
