@@ -37,6 +37,7 @@ from gisp_baselines.taylor import gradient_weight_paths, group_scores
 from gisp_baselines.walk import pad_token_id
 from gisp_plugin.anatomy.structures import ModelAnatomy
 from gisp_plugin.importance.gradients import accumulate_gradients
+from gisp_plugin.importance.taylor import needs_squares
 from gisp_plugin.importance.uniform import keep_lowest, ratio_for_target
 from gisp_plugin.methods.api import CalibrationDefaults, MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.plugins import hookimpl
@@ -88,7 +89,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
         job.calibration,
         lookup("loss", options.loss),
         batch_size=options.batch_size,
-        per_sample_squares=options.taylor in ("param_second", "param_mix"),
+        per_sample_squares=needs_squares(options.taylor),
         gradient_checkpointing=options.gradient_checkpointing,
         pad_token_id=pad_token_id(job.tokenizer),
         progress="llm_pruner gradients",

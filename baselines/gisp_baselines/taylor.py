@@ -1,8 +1,8 @@
 """LLM-Pruner's Taylor importance of structure groups (reference: horseee/LLM-Pruner,
 ``LLMPruner/pruner/hf_llama_pruner.py``, ``TaylorImportance`` with ``group_reduction="sum"``).
 
-Per weight, the salience (option ``taylor``), with ``g`` the mean calibration gradient and ``acc`` the
-mean of squared per-sample gradients:
+Per weight, the salience (option ``taylor``; ``gisp_plugin.importance.taylor``, shared with GISP), with
+``g`` the mean calibration gradient and ``acc`` the mean of squared per-sample gradients:
 
 - ``param_first`` (default): ``W * g``
 - ``param_second``: ``W * acc * W``
@@ -30,25 +30,10 @@ from torch import nn
 
 from gisp_plugin.anatomy.structures import ModelAnatomy, StructureKind, TensorSlice
 from gisp_plugin.importance.gradients import GradientSums, weight_tensor
+from gisp_plugin.importance.taylor import TaylorVariant, salience
 from gisp_plugin.importance.uniform import Groups, GroupScores
 
-TaylorVariant = Literal["param_first", "param_second", "param_mix", "vectorize"]
 HeadUnit = Literal["kv_group", "query_head"]
-
-
-def salience(weight: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor | None, variant: TaylorVariant) -> torch.Tensor:
-    """Element-wise Taylor salience (float32, shaped like the weight)."""
-    w = weight.detach().float()
-    if variant in ("param_first", "vectorize"):
-        return w * grad
-    if acc is None:
-        raise ValueError(f"taylor={variant!r} needs per-sample squared gradients")
-    second = w * acc * w
-    if variant == "param_second":
-        return second
-    if variant == "param_mix":
-        return w * grad - 0.5 * second
-    raise ValueError(f"unknown taylor variant {variant!r}; choose param_first, param_second, param_mix or vectorize")
 
 
 def slice_unit_scores(element: torch.Tensor, tensor_slice: TensorSlice, count: int, vectorize: bool) -> torch.Tensor:

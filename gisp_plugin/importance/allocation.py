@@ -1,4 +1,5 @@
-"""Turning structure scores into one global ranking (the same ratio in every layer: ``uniform.py``).
+"""Turning structure scores into one global ranking, or one ranking per pool of block types (the same
+ratio in every layer: ``uniform.py``).
 
 Scores are a dict ``(layer, kind) -> float tensor [units]``; a unit scored ``+inf`` is never pruned, and
 a NaN or ``-inf`` score stops the run (``NonFiniteError``): no method's decision rests on one.
@@ -7,6 +8,8 @@ when the last query head reading them goes, so targets mean the paper's paramete
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -93,3 +96,38 @@ def prune_lowest_globally(anatomy: ModelAnatomy, scores: Scores, target: float, 
 
 def _largest_unit(anatomy: ModelAnatomy) -> int:
     return max(kind.params_per_unit for layer in anatomy.layers for kind in layer.kinds.values())
+
+
+def prune_lowest_per_pool(
+    anatomy: ModelAnatomy,
+    scores: Scores,
+    target: float,
+    pool_of: Callable[[str], str | None],
+    groups: Groups | None = None,
+) -> KeepMask:
+    """Rank each pool of block types apart; every pool loses the same fraction of its parameters.
+
+    ``pool_of(block)`` names the pool of a block type (``None``: not ranked, kept whole). With ``P_p``
+    the parameters of pool ``p`` in all decoder layers (protected ones included) and ``D`` the dense
+    decoder parameters, each pool prunes its lowest-scoring units until it has freed the amount closest
+    to ``f * P_p``, ``f = target * D / sum(P_p)``: the total is then ``target`` (each pool to within one
+    of its units), and one pool's scores never compete with another's.
+    """
+    pools: dict[str, list[tuple[int, str]]] = {}
+    for key in sorted(scores):
+        pool = pool_of(anatomy.kind(*key).block)
+        if pool is not None:
+            pools.setdefault(pool, []).append(key)
+    sizes = {pool: sum(anatomy.kind(*key).dense_params for key in keys) for pool, keys in pools.items()}
+    fraction = target * anatomy.dense_params / sum(sizes.values())
+    keep = KeepMask.dense(anatomy)
+    for pool, keys in pools.items():
+        own = set(keys)
+        alone = {key: values if key in own else torch.full_like(values, torch.inf) for key, values in scores.items()}
+        try:
+            decided = prune_lowest_globally(anatomy, alone, fraction * sizes[pool] / anatomy.dense_params, groups)
+        except UnreachableTargetError as err:
+            raise UnreachableTargetError(f"{pool} cannot lose {fraction:.3f} of its parameters: {err}") from err
+        for key in keys:
+            keep[key] = decided[key]
+    return keep

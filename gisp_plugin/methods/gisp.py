@@ -12,15 +12,34 @@ The algorithm, as in the paper and its reference code (``uncc-efficient-ai/GISP`
 4. **Block-wise normalisation** (``normalize``), so that heads and channels can share one ranking.
 5. **Protected layers** (``protect``) score ``+inf`` and are never pruned.
 6. **Global ranking**: prune the lowest-scoring heads and channels of the whole model.
-7. **Schedule**: ``steps`` gradient recomputations, linear in parameter sparsity from 0 to the largest
-   target. Pruned structures have a zero gradient through their mask, so they stay pruned: every cut
-   is nested in the previous one, and one run gives every target. ``steps=1`` is one-shot pruning.
+7. **Schedule**: ``steps`` gradient recomputations, from 0 to the largest target in parameter
+   sparsity (``schedule``: linear by default, cosine, exponential, or adaptive to the calibration
+   loss; ``gisp_schedules``). Pruned structures have a zero gradient through their mask, so they stay
+   pruned: every cut is nested in the previous one, and one run gives every target. ``steps=1`` is
+   one-shot pruning.
 
-Schedule detail: step ``i`` recomputes gradients at the sparsity step ``i - 1`` reached and cuts to
-``top * (i + 1) / steps``; a requested target that falls inside a step is cut from that same step's
-scores, so it is hit exactly (to within one structure) and ``steps=1`` cuts every target from the dense
-model's scores. The reference instead schedules the fraction of *structures* and picks the step
-closest to each target.
+Schedule detail: step ``i`` recomputes gradients at the sparsity step ``i - 1`` reached and cuts to the
+schedule's next end (linear: ``top * (i + 1) / steps``); a requested target that falls inside a step is
+cut from that same step's scores, so it is hit exactly (to within one structure) and ``steps=1`` cuts
+every target from the dense model's scores. The reference instead schedules the fraction of
+*structures* and picks the step closest to each target.
+
+Options from the reference (``pruners/grad_sp_global.py``) and where we differ:
+
+- ``taylor``: ``param_first`` ``|W * g|`` (default), ``param_second`` ``|W * acc * W|``, ``param_mix``
+  ``|W * g - 0.5 * W * acc * W|`` with ``acc`` the mean squared per-sample gradient (the salience
+  shared with LLM-Pruner, ``gisp_plugin.importance.taylor``), abs per element, summed per structure and
+  normalised alike. The reference reads LLM-Pruner's ``weight.acc_grad`` for the second-order terms but
+  its GISP gradient pass does not fill it; we compute it (one sequence per backward, as LLM-Pruner).
+- ``rank=separate`` (reference ``prune_separate``): heads ranked among heads, channels among channels.
+  The reference prunes the same fraction of *structures* of each block type; we prune the same fraction
+  of each pool's *parameters* (``prune_lowest_per_pool``), so that the total is the requested parameter
+  sparsity (for plain multi-head attention the two fractions are the same thing).
+- ``blocks`` (reference ``prune_modules=all|mha|mlp``): ``attention``, ``mlp``, or finer block types.
+  On a mixture of experts, ``mlp`` means every feed-forward channel: dense MLP, shared-expert and
+  routed-expert channels (the reference knows dense models only; its ``mlp`` is "everything but
+  attention"); ``shared_expert`` and ``expert_mlp`` name one of them.
+- ``schedule``: see ``gisp_schedules`` (the reference's first step prunes nothing; ours cut at every step).
 
 Every cut is recorded in ``job.trajectory``. With a ``work_dir``, the state after every finished step
 is written atomically to ``gisp-state.json``; a rerun with the same model, options, calibration data,
@@ -51,10 +70,12 @@ from gisp_plugin.data.api import CalibrationSet
 from gisp_plugin.distributed.context import is_main_process
 from gisp_plugin.distributed.data_parallel import from_main
 from gisp_plugin.finite import NonFiniteError
-from gisp_plugin.importance.allocation import Groups, Scores, prune_lowest_globally
+from gisp_plugin.importance.allocation import Groups, Scores, prune_lowest_globally, prune_lowest_per_pool
 from gisp_plugin.importance.gradients import GradientSums, accumulate_gradients, weight_paths, weight_tensor
 from gisp_plugin.importance.structure_scores import model_scores
+from gisp_plugin.importance.taylor import needs_squares, salience
 from gisp_plugin.methods.api import CalibrationDefaults, MethodSpec, PruningJob, Subnetwork
+from gisp_plugin.methods.gisp_schedules import SCHEDULES, Cut, Schedule, step_cuts
 from gisp_plugin.methods.options import options_to_dict
 from gisp_plugin.plugins import hookimpl
 from gisp_plugin.plugins.manager import lookup
@@ -66,6 +87,8 @@ STATE_FORMAT = "gisp-state/1"
 NORMALIZATIONS = ("reference", "param_mean", "block_mean", "none")
 GROUPINGS = ("experts", "kv")
 CHANNEL_BLOCKS = ("mlp", "shared_expert", "expert_mlp")
+TAYLOR = ("param_first", "param_second", "param_mix")
+RANKINGS = ("global", "separate")
 
 
 @dataclass(frozen=True)
@@ -83,8 +106,19 @@ class GispOptions:
     group: ``none`` (default: heads and channels rank one by one; a routed expert goes with its last
         channel), ``experts`` (each routed expert ranks as one unit, scored by the sum of its channels'
         normalised scores), ``kv`` (each key/value group of query heads ranks as one unit), ``experts+kv``.
-    blocks: ``all`` or the block types that may be pruned, joined by ``+`` (``attention+mlp``;
+    blocks: ``all``, ``attention``, ``mlp`` (every feed-forward channel: dense MLP, shared-expert and
+        routed-expert channels), or block types joined by ``+`` (``attention+shared_expert``;
         ``expert_mlp`` with ``group=experts`` prunes whole experts only); the others are kept whole.
+    taylor: per-weight score: ``param_first`` ``|W * g|`` (default), ``param_second`` ``|W * acc * W|``,
+        ``param_mix`` ``|W * g - 0.5 * W * acc * W|`` (``acc``: mean squared per-sample gradient; these
+        two run one sequence per backward, so ``batch_size`` is ignored and a step costs more).
+    rank: ``global`` (default: every head and channel in one ranking) or ``separate`` (heads among
+        heads, channels among channels; each pool loses the same fraction of its parameters).
+    schedule: ``linear`` (default), ``cosine``, ``exponential`` (``exp_alpha`` > 0: large steps first,
+        < 0: small steps first; default 3), ``adaptive`` (step sizes from the calibration loss measured
+        at every step; ``adaptive_limit``, default 2, bounds a step to [1/limit, limit] x an even split
+        of what remains). Every schedule makes ``steps`` gradient passes and hits every target.
+        Sample: ``gisp prune --method gisp --sparsity 0.3,0.5 -o steps=8 -o schedule=adaptive``.
     protect: layers never pruned: ``reference`` (outside ``range(int(0.1 * L), L - 1)``), ``none``, or a
         list such as ``0,1,2,29`` or ``0-2,29``.
     loss: calibration objective, a loss plugin: ``ntp`` (text), ``margin`` (multiple choice),
@@ -105,6 +139,11 @@ class GispOptions:
     gradient_checkpointing: bool = False
     group: str = "none"
     blocks: str = "all"
+    taylor: Literal["param_first", "param_second", "param_mix"] = "param_first"
+    rank: Literal["global", "separate"] = "global"
+    schedule: Literal["linear", "cosine", "exponential", "adaptive"] = "linear"
+    exp_alpha: float = 3.0
+    adaptive_limit: float = 2.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -122,6 +161,12 @@ class GispOptions:
             raise ValueError(
                 f"blocks={self.blocks!r}: give all, or block types joined by +: attention, {', '.join(CHANNEL_BLOCKS)}"
             )
+        choices = {"taylor": TAYLOR, "rank": RANKINGS, "schedule": SCHEDULES}
+        for name, valid in choices.items():
+            value = getattr(self, name)
+            if value not in valid:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(valid)}")
+        self.schedule_for(1.0)  # checks exp_alpha and adaptive_limit
         lookup("loss", self.loss)  # an unknown name fails here, listing the available losses
 
     @property
@@ -130,8 +175,23 @@ class GispOptions:
 
     @property
     def prunable_blocks(self) -> set[str] | None:
-        """The block types that may be pruned (``None``: all)."""
-        return None if self.blocks.strip().lower() == "all" else {p.strip() for p in self.blocks.split("+")}
+        """The block types that may be pruned (``None``: all); ``mlp`` stands for every channel block."""
+        if self.blocks.strip().lower() == "all":
+            return None
+        names = {p.strip() for p in self.blocks.split("+")}
+        return names - {"mlp"} | set(CHANNEL_BLOCKS) if "mlp" in names else names
+
+    def schedule_for(self, top: float) -> Schedule:
+        """The schedule of this run's ``steps`` to the largest target ``top``."""
+        return Schedule(self.schedule, self.steps, top, self.exp_alpha, self.adaptive_limit)
+
+
+def ranking_pool(block: str, blocks: set[str] | None = None) -> str | None:
+    """The pool a block type ranks in under ``rank=separate``: ``attention`` or ``mlp`` (every channel
+    block); ``None`` for a block type that ``blocks`` keeps whole."""
+    if blocks is not None and block not in blocks:
+        return None
+    return "attention" if block == "attention" else "mlp"
 
 
 # --- protected layers and schedule -----------------------------------------------------------------------
@@ -163,48 +223,43 @@ def protected_layers(n_layers: int, protect: str | list[int] | tuple[int, ...]) 
 
 
 def max_sparsity(anatomy: ModelAnatomy, options: GispOptions) -> float:
-    """The largest reachable target: every structure of the unprotected layers pruned."""
+    """The largest reachable target: every structure of the unprotected layers pruned; with
+    ``rank=separate``, until the pool with the smallest prunable share is used up."""
     protected = set(protected_layers(len(anatomy.layers), options.protect))
-    return anatomy.max_sparsity([i for i in range(len(anatomy.layers)) if i not in protected], options.prunable_blocks)
-
-
-@dataclass(frozen=True)
-class Cut:
-    """One pruning decision: cut to ``sparsity`` with the scores of gradient step ``step``."""
-
-    step: int
-    sparsity: float
-    target: float | None  # the user's target when this cut is one
-
-
-def plan_cuts(targets: tuple[float, ...], steps: int) -> list[Cut]:
-    """Linear schedule to the largest target in ``steps`` steps, with every target inserted as a cut."""
-    top = max(targets)
-    ends = [top if i == steps - 1 else top * (i + 1) / steps for i in range(steps)]
-    cuts: list[Cut] = []
-    for i, end in enumerate(ends):
-        start = ends[i - 1] if i else 0.0
-        inside = sorted(t for t in targets if start + 1e-12 < t <= end + 1e-12)
-        cuts += [Cut(i, t, t) for t in inside]
-        if not inside or abs(inside[-1] - end) > 1e-12:
-            cuts.append(Cut(i, end, None))
-    return cuts
+    unprotected = [i for i in range(len(anatomy.layers)) if i not in protected]
+    blocks = options.prunable_blocks
+    if options.rank == "global":
+        return anatomy.max_sparsity(unprotected, blocks)
+    pools: dict[str, set[str]] = {}  # pool -> its block types
+    size: dict[str, int] = {}  # pool -> its parameters in all decoder layers
+    for layer in anatomy.layers:
+        for kind in layer.kinds.values():
+            pool = ranking_pool(kind.block, blocks)
+            if pool is not None:
+                pools.setdefault(pool, set()).add(kind.block)
+                size[pool] = size.get(pool, 0) + kind.dense_params
+    if not pools:
+        return 0.0
+    share = min(anatomy.max_sparsity(unprotected, b) * anatomy.dense_params / size[pool] for pool, b in pools.items())
+    return share * sum(size.values()) / anatomy.dense_params
 
 
 # --- scores ----------------------------------------------------------------------------------------------
 
 
-def structure_scores(model: nn.Module, anatomy: ModelAnatomy, sums: GradientSums) -> Scores:
-    """Raw GISP scores per unit (float64): ``|W * g|`` summed over the weight matrices each unit owns.
+def structure_scores(model: nn.Module, anatomy: ModelAnatomy, sums: GradientSums, taylor: str = "param_first") -> Scores:
+    """Raw GISP scores per unit (float64): ``|salience|`` (``|W * g|`` for ``param_first``) summed over
+    the weight matrices each unit owns.
 
-    Biases are not scored (the reference scores weights only). A masked unit's gradient is zero, so
-    its score is exactly zero.
+    Biases are not scored (the reference scores weights only). A masked unit's gradient (and squared
+    gradient) is zero, so its score is exactly zero.
     """
 
     def element_score(path: str, tensor: torch.Tensor) -> torch.Tensor:
         if path not in sums.grad:
             return torch.zeros(tensor.shape, dtype=torch.float32, device=tensor.device)
-        return (tensor.detach().float() * sums.grad[path]).abs()
+        acc = sums.grad_sq[path] if sums.grad_sq is not None else None
+        return salience(tensor, sums.grad[path], acc, taylor).abs()
 
     return model_scores(model, anatomy, element_score)
 
@@ -292,18 +347,28 @@ def step_scores(
         calibration,
         lookup("loss", options.loss),
         batch_size=options.batch_size,
+        per_sample_squares=needs_squares(options.taylor),
         gradient_checkpointing=options.gradient_checkpointing,
         pad_token_id=pad_token_id,
         progress=progress,
     )
-    return structure_scores(model, anatomy, sums), sums
+    return structure_scores(model, anatomy, sums, options.taylor), sums
+
+
+def cut_to(anatomy: ModelAnatomy, ranked: Scores, sparsity: float, groups: Groups, options: GispOptions) -> KeepMask:
+    """The keep mask at ``sparsity``: one global ranking, or one per pool (``rank=separate``)."""
+    if options.rank == "separate":
+        blocks = options.prunable_blocks
+        return prune_lowest_per_pool(anatomy, ranked, sparsity, lambda block: ranking_pool(block, blocks), groups)
+    return prune_lowest_globally(anatomy, ranked, sparsity, groups)
 
 
 # --- resume state ----------------------------------------------------------------------------------------
 
 
-def run_fingerprint(job: PruningJob, cuts: list[Cut]) -> str:
-    """A hash of everything a step's result depends on: weights, options, calibration data, cuts, seed."""
+def run_fingerprint(job: PruningJob) -> str:
+    """A hash of everything a step's result depends on: weights, options (schedule included),
+    calibration data, targets, seed. The cuts follow from these (an adaptive schedule's from the losses)."""
     digest = hashlib.sha256()
     for path in weight_paths(job.anatomy, include_dependents=True):
         tensor = weight_tensor(job.model, path).detach()
@@ -317,7 +382,7 @@ def run_fingerprint(job: PruningJob, cuts: list[Cut]) -> str:
     meta = {
         "options": options_to_dict(job.options),
         "calibration": calibration.name,
-        "cuts": [(c.step, c.sparsity, c.target) for c in cuts],
+        "targets": list(job.targets),
         "seed": job.seed,
         "dtype": str(next(job.model.parameters()).dtype),
     }
@@ -325,8 +390,8 @@ def run_fingerprint(job: PruningJob, cuts: list[Cut]) -> str:
     return digest.hexdigest()
 
 
-def load_state(work_dir: Path | None, fingerprint: str, anatomy: ModelAnatomy, cuts: list[Cut]) -> Trajectory | None:
-    """The finished cuts of an interrupted identical run, if ``work_dir`` holds them; else ``None``."""
+def load_state(work_dir: Path | None, fingerprint: str, anatomy: ModelAnatomy) -> Trajectory | None:
+    """The finished steps of an interrupted identical run, if ``work_dir`` holds them; else ``None``."""
     path = Path(work_dir) / STATE_FILE if work_dir is not None else None
     if path is None or not path.exists():
         return None
@@ -335,13 +400,38 @@ def load_state(work_dir: Path | None, fingerprint: str, anatomy: ModelAnatomy, c
         if state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
             log.warning("ignoring %s: it is from a different run (model, options, data or targets differ); starting over", path)
             return None
-        done = Trajectory.from_json(state["trajectory"], anatomy)
+        return Trajectory.from_json(state["trajectory"], anatomy)
     except (ValueError, KeyError) as err:
-        log.warning("ignoring unreadable %s (%s); starting over", path, err)
+        log.warning("ignoring %s (%s); starting over", path, err)
         return None
-    finished = len(done.steps)
-    if finished > len(cuts) or (0 < finished < len(cuts) and cuts[finished].step == cuts[finished - 1].step):
-        log.warning("ignoring %s: it does not end at a step of this schedule; starting over", path)
+
+
+def replayed_cuts(done: Trajectory, schedule: Schedule, targets: tuple[float, ...]) -> list[Cut] | None:
+    """The cuts the schedule makes given the recorded passes, if they are exactly the recorded ones
+    (whole steps only); ``None`` when the state does not continue this schedule."""
+    cuts: list[Cut] = []
+    history: list[tuple[float, float]] = []
+    start = 0.0
+    for entry in done.steps:
+        step = entry["gradient_step"]
+        if step == len(history):  # the first cut of a new pass: its loss joins the history
+            history.append((entry["gradient_at_sparsity"], entry["loss"]))
+            if step >= schedule.steps:
+                return None
+            planned = step_cuts(step, start, schedule.end(step, start, history), targets)
+            start = planned[-1].sparsity
+            cuts += planned
+    recorded = [Cut(e["gradient_step"], e["scheduled"], e["target"]) for e in done.steps]
+    return cuts if recorded == cuts else None
+
+
+def resumable_state(
+    work_dir: Path | None, fingerprint: str, anatomy: ModelAnatomy, schedule: Schedule, targets: tuple[float, ...]
+) -> Trajectory | None:
+    """The finished steps of an interrupted identical run that this schedule continues, else ``None``."""
+    done = load_state(work_dir, fingerprint, anatomy)
+    if done is not None and done.steps and replayed_cuts(done, schedule, targets) is None:
+        log.warning("ignoring %s: it does not continue this schedule; starting over", Path(work_dir) / STATE_FILE)
         return None
     return done
 
@@ -368,27 +458,30 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
     anatomy = job.anatomy
     protected = protected_layers(len(anatomy.layers), options.protect)
     groups = ranking_groups(anatomy, options.groupings)
-    cuts = plan_cuts(job.targets, options.steps)
-    fingerprint = run_fingerprint(job, cuts)
+    schedule = options.schedule_for(max(job.targets))
+    fingerprint = run_fingerprint(job)
     pad_token_id = getattr(job.tokenizer, "pad_token_id", None) or 0
 
     keep = KeepMask.dense(anatomy)
-    done = from_main(lambda: load_state(job.work_dir, fingerprint, anatomy, cuts))  # rank 0 reads, every rank resumes
-    finished = len(done.steps) if done is not None else 0
-    if finished:
-        log.info("gisp: resuming from %s after %d of %d steps", job.work_dir, cuts[finished - 1].step + 1, options.steps)
-    for index in range(finished):  # replay the finished cuts: same decisions, no gradients
-        info = {k: v for k, v in done.steps[index].items() if k not in ("step", "sparsity")}
+    history: list[tuple[float, float]] = []  # (sparsity, calibration loss) of every gradient pass so far
+    start = 0.0  # where the next pass starts cutting: the previous pass's end
+    done = from_main(lambda: resumable_state(job.work_dir, fingerprint, anatomy, schedule, job.targets))  # rank 0 reads
+    for index, entry in enumerate(done.steps if done is not None else []):  # replay: same decisions, no gradients
+        info = {k: v for k, v in entry.items() if k not in ("step", "sparsity")}
         keep = done.keep_at(index)
-        job.trajectory.record(keep, done.steps[index]["sparsity"], **info)
-        if cuts[index].target is not None:
+        job.trajectory.record(keep, entry["sparsity"], **info)
+        if entry["gradient_step"] == len(history):
+            history.append((entry["gradient_at_sparsity"], entry["loss"]))
+        start = entry["scheduled"]
+        if entry["target"] is not None:
             job.masked.apply(keep)
-            yield job.subnetwork(cuts[index].target, keep, info=_subnetwork_info(info, options), elapsed_s=info.get("elapsed_s"))
+            yield job.subnetwork(entry["target"], keep, info=_subnetwork_info(info, options), elapsed_s=info.get("elapsed_s"))
+    if history:
+        log.info("gisp: resuming from %s after %d of %d steps", job.work_dir, len(history), options.steps)
 
-    pending = sorted({cut.step for cut in cuts[finished:]})
-    bar = tqdm(total=options.steps, initial=options.steps - len(pending), desc="GISP", unit="step", disable=not is_main_process())
+    bar = tqdm(total=options.steps, initial=len(history), desc="GISP", unit="step", disable=not is_main_process())
     try:
-        for step in pending:
+        for step in range(len(history), options.steps):
             started = time.perf_counter()
             before = job.trajectory.steps[-1].get("elapsed_s", 0.0) if job.trajectory.steps else 0.0  # earlier runs too
             job.masked.apply(keep)
@@ -399,11 +492,13 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
                 raw, sums = step_scores(job.model, anatomy, job.calibration, options, pad_token_id, desc)
             except NonFiniteError as err:
                 raise NonFiniteError(f"gisp step {step + 1}/{options.steps} at sparsity {sparsity:.4f}: {err}") from err
+            history.append((sparsity, sums.loss))
             normalized = normalize_scores(job.model, anatomy, raw, options.normalize, keep, protected)
             ranked = group_scores(ranking_scores(anatomy, normalized, keep, protected, options.prunable_blocks), groups)
             reached = []
-            for cut in (c for c in cuts if c.step == step):
-                keep = prune_lowest_globally(anatomy, ranked, cut.sparsity, groups)
+            cuts = step_cuts(step, start, schedule.end(step, start, history), job.targets)
+            for cut in cuts:
+                keep = cut_to(anatomy, ranked, cut.sparsity, groups, options)
                 info = {
                     "target": cut.target,
                     "scheduled": cut.sparsity,
@@ -416,6 +511,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
                 job.trajectory.record(keep, anatomy.sparsity(keep), **info)
                 if cut.target is not None:
                     reached.append((cut.target, keep, info))
+            start = cuts[-1].sparsity
             if is_main_process():
                 save_state(job.work_dir, fingerprint, job.trajectory)
             bar.set_postfix(sparsity=f"{anatomy.sparsity(keep):.4f}", loss=f"{sums.loss:.4f}")

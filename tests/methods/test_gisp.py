@@ -15,7 +15,8 @@ from gisp_plugin.importance.allocation import prune_lowest_globally
 from gisp_plugin.importance.gradients import NonFiniteError
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.methods import gisp
-from gisp_plugin.methods.gisp import Cut, GispOptions, plan_cuts, protected_layers, step_scores
+from gisp_plugin.methods.gisp import GispOptions, protected_layers, step_scores
+from gisp_plugin.methods.gisp_schedules import Cut, plan_cuts
 from gisp_plugin.methods.options import OptionError
 from gisp_plugin.pruning import TargetError, resolve_method, run_method
 from tests.tiny import random_ids, tiny_model
