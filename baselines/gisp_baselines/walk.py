@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from gisp_baselines.channels import output_projections, routed_expert_paths
@@ -17,11 +18,12 @@ def pad_token_id(tokenizer: Any) -> int:
     return int(pad) if pad is not None else 0
 
 
-def layer_walk(job: PruningJob, propagate: Propagation, batch_size: int) -> SequentialCalibration:
-    """Sequential calibration over the job's layers, recording the inputs of every output projection."""
+def layer_walk(job: PruningJob, propagate: Propagation, batch_size: int, more_paths: Sequence[str] = ()) -> SequentialCalibration:
+    """Sequential calibration over the job's layers, recording the inputs of every output projection
+    and of ``more_paths`` (module paths relative to a decoder layer)."""
     if job.calibration is None:
         raise ValueError("this method needs calibration data; pass calibration= or a calibration source")
-    paths = sorted({path for layer in job.anatomy.layers for path in output_projections(layer).values()})
+    paths = sorted({path for layer in job.anatomy.layers for path in output_projections(layer).values()} | set(more_paths))
     routed = sorted({path for layer in job.anatomy.layers for path in routed_expert_paths(layer)})
     return SequentialCalibration(
         job.model,
