@@ -56,7 +56,7 @@ from gisp_baselines.channels import (
     standardize,
     units_from_channels,
 )
-from gisp_baselines.walk import layer_walk, stats_by_kind
+from gisp_baselines.walk import OnloadOptions, layer_walk, stats_by_kind
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.calibration.sequential import LayerStatistics
 from gisp_plugin.calibration.statistics import ChannelStats
@@ -67,7 +67,7 @@ from gisp_plugin.plugins import hookimpl
 
 
 @dataclass(frozen=True)
-class FlapOptions:
+class FlapOptions(OnloadOptions):
     """Options of FLAP (see the module docstring)."""
 
     structure: Literal["AL-AM", "UL-UM"] = "AL-AM"
@@ -79,6 +79,7 @@ class FlapOptions:
     batch_size: int = 8
 
     def __post_init__(self) -> None:  # checked when the options are parsed, before any model is loaded
+        super().__post_init__()
         if self.batch_size < 1:
             raise ValueError(f"flap option batch_size must be >= 1, got {self.batch_size}")
         if self.propagate == "pruned" and self.structure != "UL-UM":

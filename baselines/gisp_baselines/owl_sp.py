@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from gisp_baselines.channels import routed_expert_paths
-from gisp_baselines.walk import layer_walk
+from gisp_baselines.walk import OnloadOptions, layer_walk
 from gisp_baselines.wanda_sp import layer_scores, prune_layerwise
 from gisp_plugin.calibration.sequential import LayerStatistics
 from gisp_plugin.calibration.statistics import ExpertChannelStats
@@ -66,7 +66,7 @@ from gisp_plugin.plugins import hookimpl
 
 
 @dataclass(frozen=True)
-class OwlSpOptions:
+class OwlSpOptions(OnloadOptions):
     """Options of OWL-sp (see the module docstring)."""
 
     outlier_threshold: float = 5.0
@@ -75,6 +75,7 @@ class OwlSpOptions:
     batch_size: int = 8
 
     def __post_init__(self) -> None:  # checked when the options are parsed, before any model is loaded
+        super().__post_init__()
         if not self.outlier_threshold > 0:
             raise ValueError(f"owl_sp option outlier_threshold must be > 0 (OWL's M, e.g. 5), got {self.outlier_threshold}")
         if not 0 <= self.spread <= 0.5:

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gisp_baselines.channels import projection_weight, units_from_channels, wanda_channel_scores
-from gisp_baselines.walk import layer_walk, stats_by_kind
+from gisp_baselines.walk import OnloadOptions, layer_walk, stats_by_kind
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.calibration.sequential import LayerStatistics
 from gisp_plugin.importance.allocation import Scores
@@ -37,13 +37,14 @@ from gisp_plugin.plugins import hookimpl
 
 
 @dataclass(frozen=True)
-class WandaSpOptions:
+class WandaSpOptions(OnloadOptions):
     """Options of Wanda-sp (see the module docstring)."""
 
     sequential: bool = True
     batch_size: int = 8
 
     def __post_init__(self) -> None:  # checked when the options are parsed, before any model is loaded
+        super().__post_init__()
         if self.batch_size < 1:
             raise ValueError(f"wanda_sp option batch_size must be >= 1, got {self.batch_size}")
 

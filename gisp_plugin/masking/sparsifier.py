@@ -64,9 +64,12 @@ class StructureSparsifier(BaseSparsifier):
     def _prepare(self, *args, **kwargs) -> None:
         for group in self.groups:
             module, name = group["module"], group["tensor_name"]
-            mask = self._mask(group["drivers"], getattr(module, name))
+            tensor = getattr(module, name)
+            mask = self._mask(group["drivers"], tensor)
             self.state[group["tensor_fqn"]]["mask"] = mask
-            parametrize.register_parametrization(module, name, BroadcastStructuredSparsity(mask))
+            # a layer waiting on disk (gisp_plugin.calibration.onloading) has a meta weight: nothing to check it on
+            unsafe = tensor.device.type == "meta"
+            parametrize.register_parametrization(module, name, BroadcastStructuredSparsity(mask), unsafe=unsafe)
 
     def _mask(self, drivers: list[dict], tensor: torch.Tensor) -> torch.Tensor:
         """The conjunction of every driver's keep mask for ``tensor`` under the current ``KeepMask``."""
@@ -76,7 +79,7 @@ class StructureSparsifier(BaseSparsifier):
             if driver["dependent"] is not None:
                 flags = driver["dependent"].alive(flags)
             mask = mask & driver["slice"].keep_mask(flags, tensor.shape)
-        return mask.to(tensor.device)
+        return mask.to(tensor.device if tensor.device.type != "meta" else "cpu")  # masks stay real
 
     def update_mask(self, module: nn.Module, tensor_name: str, **group) -> None:
         parametrization = getattr(module.parametrizations, tensor_name)
