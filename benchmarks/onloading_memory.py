@@ -58,7 +58,9 @@ def measure(args: argparse.Namespace) -> dict:
         model = empty_model(args.folder)
         options = {"onload": "disk"}
     vocab = model.config.vocab_size
-    calibration = CalibrationSet("random", [torch.randint(0, vocab, (args.seqlen,), generator=generator) for _ in range(args.samples)])
+    calibration = CalibrationSet(
+        "random", [torch.randint(0, vocab, (args.seqlen,), generator=generator) for _ in range(args.samples)]
+    )
     (sub,) = run_method(model, None, "wanda_sp", [0.3], {**options, "batch_size": str(args.batch_size)}, calibration=calibration)
     elapsed = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

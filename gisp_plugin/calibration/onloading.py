@@ -163,8 +163,11 @@ class LayerPlacement:
         layer = self.layers[index]
         for name, tensor, is_parameter in list(self._layer_tensors(index)):
             home_device, dtype = self._home[f"{self.prefixes[index]}.{name}"]
-            target = device or (home_device if home_device.type != "meta" else torch.device("cpu"))
-            if is_parameter and self.storage == "disk" and tensor.device.type == "meta":
+            target = device or home_device
+            if target.type == "meta":  # a weight that was never in memory goes back to disk
+                if tensor.device.type != "meta":
+                    _set_tensor(layer, name, torch.empty_like(tensor, device="meta"))
+            elif is_parameter and self.storage == "disk" and tensor.device.type == "meta":
                 _set_tensor(layer, name, self._read(index, name, target, dtype))
             elif tensor.device.type != "meta":
                 _move(layer, name, tensor, target)
@@ -185,8 +188,8 @@ class LayerPlacement:
                 _move(layer, name, tensor, torch.device("cpu"))
 
     def restore(self) -> None:
-        """Every tensor back where ``prepare`` found it (disk: read back; a layer that was never
-        materialised comes back on the CPU)."""
+        """Every tensor back where ``prepare`` found it: read back from disk, or (a weight that was never
+        in memory, as in ``empty_model``) left there."""
         for index in range(len(self.layers)):
             self._place(index, None)
         layer_names = {f"{p}." for p in self.prefixes}
