@@ -2,14 +2,19 @@
 
 A randomly initialised model of a named shape (``benchmarks/shapes.py``) is saved to a folder; then each
 mode runs in a fresh Python process, which records its resident memory after its imports and its peak
-(``getrusage``'s ``ru_maxrss``: the real high-water mark, loading included) while it
+(``VmHWM`` of ``/proc/self/status``: the kernel's high-water mark, loading included; not ``ru_maxrss``,
+which a child inherits from its parent at ``fork``) while it
 
 - ``in_memory``: loads the whole model (``from_pretrained``) and prunes it with Wanda-sp (sequential), or
 - ``disk``: builds the model with weightless decoder layers (``gisp_plugin.calibration.onloading.empty_model``)
   and prunes it with ``-o onload=disk``: each layer is read from the safetensors files for its turn only.
 
 Both runs must choose the same structures (``same_masks``); the peak of the disk run should be about the
-embeddings plus one or two layers plus the calibration activations, whatever the depth.
+embeddings plus one or two layers plus the calibration activations, whatever the depth. The workers run
+with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``), so a freed layer goes back to
+the system at once, as the 30-200 MB tensors of a real 7B+ model do anyway; with the default dynamic
+threshold, the small tensors of a small model are recycled inside the heap and the measured peak drifts
+up by about a quarter of a layer per layer.
 
     python benchmarks/onloading_memory.py --shape smollm2                 # table
     python benchmarks/onloading_memory.py --shape mid-llama --json out.json
@@ -20,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,6 +40,13 @@ def resident_bytes() -> int:
 
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    """The kernel's high-water mark of this process's resident memory (``VmHWM``)."""
+    with open("/proc/self/status") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024  # kB
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -63,7 +74,7 @@ def measure(args: argparse.Namespace) -> dict:
     )
     (sub,) = run_method(model, None, "wanda_sp", [0.3], {**options, "batch_size": str(args.batch_size)}, calibration=calibration)
     elapsed = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    peak = peak_resident_bytes()
     masks = json.dumps(sub.keep.to_json(), sort_keys=True)
     return {
         "mode": args.mode,
@@ -74,11 +85,18 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+def worker_environment() -> dict[str, str]:
+    """This process's environment with freed tensors of 64 KiB and more returned to the system at once."""
+    import os
+
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
 def run_fresh(args: argparse.Namespace, folder: Path, mode: str) -> dict:
     command = [sys.executable, __file__, "--worker", "--mode", mode, "--folder", str(folder)]
     for name in ("samples", "seqlen", "batch_size", "threads"):
         command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    result = subprocess.run(command, check=True, capture_output=True, text=True)
+    result = subprocess.run(command, check=True, capture_output=True, text=True, env=worker_environment())
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -35,7 +35,8 @@ calibration default (WikiText-2, 1024 x 128). Where we differ, and why:
   it, like Wanda-sp; not in the reference.
 
 Options: ``structure``, ``metric``, ``fluctuation`` (``exact`` or ``reference``), ``square_attention``,
-``bias_compensation``, ``propagate``, ``batch_size`` (default 8; results do not depend on it).
+``bias_compensation``, ``propagate``, ``batch_size`` (default 8; results do not depend on it), and
+``onload`` / ``onload_device`` for models larger than the accelerator (``gisp_baselines.walk.OnloadOptions``).
 Sample: ``gisp prune --method flap --sparsity 0.2,0.5 -o structure=AL-AM --calibration wikitext2``.
 """
 
@@ -182,6 +183,7 @@ def _run_pruned(job: PruningJob, options: FlapOptions) -> Iterator[Subnetwork]:
             if options.bias_compensation:
                 biases.update(compensation_biases(job, keep, record))
             job.masked.apply(keep, biases)
+        biases = {path: bias.to(job.device) for path, bias in biases.items()}  # computed where an onloaded layer ran
         yield job.subnetwork(target, keep, extra_biases=biases, info=_info(options, ratio=ratio))
 
 

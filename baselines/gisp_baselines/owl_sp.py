@@ -41,6 +41,8 @@ Options (``--option name=value``):
   0 gives Wanda-sp.
 - ``sequential`` (bool, default true): calibrate layer i after pruning layers < i (as Wanda-sp).
 - ``batch_size`` (int, default 8): calibration sequences per forward pass (results do not depend on it).
+- ``onload`` (``off`` | ``cpu`` | ``disk``) and ``onload_device`` (default ``auto``): calibrate a model larger
+  than the accelerator (or than memory) one layer at a time (``gisp_baselines.walk.OnloadOptions``).
 
 Sample: ``gisp prune --method owl_sp --sparsity 0.2,0.4 --calibration c4 --n-samples 128 --seqlen 128 -o spread=0.08``.
 """

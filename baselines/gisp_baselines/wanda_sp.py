@@ -17,6 +17,8 @@ Where we differ from the reference code, and why:
 Options (``--option name=value``):
 - ``sequential`` (bool, default true): calibrate layer i after pruning layers < i.
 - ``batch_size`` (int, default 8): calibration sequences per forward pass (results do not depend on it).
+- ``onload`` (``off`` | ``cpu`` | ``disk``) and ``onload_device`` (default ``auto``): calibrate a model larger
+  than the accelerator (or than memory) one layer at a time (``gisp_baselines.walk.OnloadOptions``).
 
 Sample: ``gisp prune --method wanda_sp --sparsity 0.2,0.5 --calibration c4 --n-samples 128 --seqlen 128``.
 """

@@ -13,7 +13,9 @@ then each layer in turn
 on the outputs of the already pruned layers before it (Wanda-sp); ``propagate="dense"`` keeps the
 outputs of the statistics pass (FLAP, whose global decision needs every layer's statistics first).
 Peak memory is one layer's activations for the whole calibration set plus one batch's intermediates,
-whatever the depth of the model (``benchmarks/calibration_memory.py`` measures it).
+whatever the depth of the model (``benchmarks/calibration_memory.py`` measures it). The weights can
+be onloaded the same way, one layer at a time from CPU memory or disk (``placement``, see
+``gisp_plugin.calibration.onloading``; ``benchmarks/onloading_memory.py`` measures it).
 """
 
 from __future__ import annotations

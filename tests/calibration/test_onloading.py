@@ -1,7 +1,5 @@
 """Layer-wise onloading: one layer at a time, the in-memory results, the model put back, real memory saved."""
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,9 @@ from tests.baselines.independent import calibration_ids
 from tests.tiny import random_ids, tiny_model
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "onloading_memory.py"
+sys.path.insert(0, str(BENCHMARK.parent))
+
+from onloading_memory import benchmark, parse_args  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,13 @@ def test_disk_walk_holds_one_layer_and_puts_the_model_back(folder):
 
 @pytest.mark.parametrize(
     ("method", "options"),
-    [("wanda_sp", {}), ("wanda_sp", {"sequential": "false"}), ("owl_sp", {"spread": "0.1"}), ("flap", {})],
+    [
+        ("wanda_sp", {}),
+        ("wanda_sp", {"sequential": "false"}),
+        ("owl_sp", {"spread": "0.1"}),
+        ("flap", {}),
+        ("flap", {"structure": "UL-UM", "propagate": "pruned"}),
+    ],
 )
 def test_disk_and_cpu_onloading_choose_what_the_in_memory_run_chooses(folder, method, options):
     calibration = CalibrationSet("ids", list(calibration_ids(4)))
@@ -96,7 +103,8 @@ def test_cpu_onloading_runs_mixture_of_experts():
 
 def test_disk_onloading_peak_memory_stays_near_one_layer(tmp_path):
     # 12 layers of 9.4 MB: the in-memory run holds all of them at once, the onloaded one one or two.
-    # Measured for real: each run is a fresh process reading its own peak resident memory (ru_maxrss).
+    # Measured for real: each run is a fresh process reading its own peak
+    # resident memory (VmHWM), as benchmarks/onloading_memory.py does.
     config = LlamaConfig(
         vocab_size=1024,
         hidden_size=384,
@@ -107,12 +115,9 @@ def test_disk_onloading_peak_memory_stays_near_one_layer(tmp_path):
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
-    command = [sys.executable, str(BENCHMARK), "--folder", str(tmp_path / "model"), "--samples", "8", "--seqlen", "32"]
-    command += ["--threads", "1", "--json", str(tmp_path / "out.json")]
-    subprocess.run(command, check=True, capture_output=True)
-    result = json.loads((tmp_path / "out.json").read_text())
+    result = benchmark(parse_args(["--samples", "8", "--seqlen", "32", "--threads", "1"]), tmp_path / "model")
     sizes, rows = result["sizes"], {row["mode"]: row for row in result["rows"]}
-    assert result["same_masks"]
+    assert rows["in_memory"]["masks_sha"] == rows["disk"]["masks_sha"]
     saved = rows["in_memory"]["peak_above_start_mb"] - rows["disk"]["peak_above_start_mb"]
     # everything both runs share (imports, the first forward, allocator arenas) cancels in the difference;
     # onloading must save at least the layers beyond three
