@@ -64,6 +64,39 @@ def checkpoint_index(folder: str | Path) -> dict[str, Path]:
         return dict.fromkeys(handle.keys(), single)
 
 
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_tensor(file: Path, name: str) -> torch.Tensor:
+    """One tensor of a safetensors file, read straight into its own memory.
+
+    ``safe_open`` maps the whole file: while a tensor is copied out, its mapped pages count as resident
+    too, so a 100 MB embedding would briefly cost 200 MB. Reading its byte range costs it once.
+    """
+    with open(file, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        entry = json.loads(handle.read(header_size))[name]
+        if entry["dtype"] not in _DTYPES:
+            raise OnloadError(f"onload=disk cannot read {name!r} of dtype {entry['dtype']} from {str(file)!r}; use onload=cpu")
+        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        start, end = entry["data_offsets"]
+        handle.seek(8 + header_size + start)
+        if end > start and handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
+            raise OnloadError(f"{str(file)!r} ends inside tensor {name!r}; the checkpoint is damaged")
+    return tensor
+
+
 def execution_device(name: str = "auto") -> torch.device:
     """The device a layer runs on: ``auto`` is the first GPU when there is one, else the CPU."""
     if name == "auto":
@@ -155,8 +188,7 @@ class LayerPlacement:
 
     def _read(self, index: int, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = f"{self.prefixes[index]}.{checkpoint_name(name)}"
-        with safe_open(self.index[key], framework="pt", device="cpu") as handle:  # closed at once: no mapping lingers
-            return handle.get_tensor(key).to(device=device, dtype=dtype)
+        return read_tensor(self.index[key], key).to(device=device, dtype=dtype)
 
     def _place(self, index: int, device: torch.device | None) -> None:
         """Layer ``index`` onto ``device``, or each tensor back to its home when ``device`` is None."""
@@ -230,7 +262,6 @@ def empty_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
             continue  # tied: shares the embedding's tensor, materialised below through tie_weights
         if key is None:
             raise OnloadError(f"the checkpoint in {str(folder)!r} stores no tensor for {name!r}")
-        with safe_open(index[key], framework="pt", device="cpu") as handle:
-            _set_tensor(model, name, handle.get_tensor(key).to(dtype=tensor.dtype))
+        _set_tensor(model, name, read_tensor(index[key], key).to(dtype=tensor.dtype))
     model.tie_weights()
     return model.eval()
