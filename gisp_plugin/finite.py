@@ -21,10 +21,14 @@ def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """The name of the first tensor holding inf or NaN, or ``None`` when all are finite.
 
     Quantised tensors (torchao's subclasses) are skipped: their integer data cannot be inf or NaN, they
-    implement no ``isfinite``, and the weights they came from were checked before quantisation.
+    implement no ``isfinite``, and the weights they came from were checked before quantisation. Meta
+    tensors (layers waiting on disk, ``gisp_plugin.calibration.onloading``) hold no values to check.
     """
     for name, tensor in tensors:
-        if type(tensor) is torch.Tensor and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if type(tensor) is not torch.Tensor or tensor.device.type == "meta" or not tensor.is_floating_point():
+            continue
+        # in slices: isfinite's temporaries on a whole embedding would cost nearly twice its size
+        if not all(bool(torch.isfinite(part).all()) for part in tensor.detach().reshape(-1).split(2**22)):
             return name
     return None
 

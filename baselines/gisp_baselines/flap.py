@@ -35,7 +35,8 @@ calibration default (WikiText-2, 1024 x 128). Where we differ, and why:
   it, like Wanda-sp; not in the reference.
 
 Options: ``structure``, ``metric``, ``fluctuation`` (``exact`` or ``reference``), ``square_attention``,
-``bias_compensation``, ``propagate``, ``batch_size`` (default 8; results do not depend on it).
+``bias_compensation``, ``propagate``, ``batch_size`` (default 8; results do not depend on it), and
+``onload`` / ``onload_device`` for models larger than the accelerator (``gisp_baselines.walk.OnloadOptions``).
 Sample: ``gisp prune --method flap --sparsity 0.2,0.5 -o structure=AL-AM --calibration wikitext2``.
 """
 
@@ -56,7 +57,7 @@ from gisp_baselines.channels import (
     standardize,
     units_from_channels,
 )
-from gisp_baselines.walk import layer_walk, stats_by_kind
+from gisp_baselines.walk import OnloadOptions, layer_walk, stats_by_kind
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.calibration.sequential import LayerStatistics
 from gisp_plugin.calibration.statistics import ChannelStats
@@ -68,7 +69,7 @@ from gisp_plugin.plugins import hookimpl
 
 
 @dataclass(frozen=True)
-class FlapOptions:
+class FlapOptions(OnloadOptions):
     """Options of FLAP (see the module docstring)."""
 
     structure: Literal["AL-AM", "UL-UM"] = "AL-AM"
@@ -80,6 +81,7 @@ class FlapOptions:
     batch_size: int = 8
 
     def __post_init__(self) -> None:  # checked when the options are parsed, before any model is loaded
+        super().__post_init__()
         if self.batch_size < 1:
             raise ValueError(f"flap option batch_size must be >= 1, got {self.batch_size}")
         if self.fluctuation == "reference" and launch_setup().enabled:
@@ -187,6 +189,7 @@ def _run_pruned(job: PruningJob, options: FlapOptions) -> Iterator[Subnetwork]:
             if options.bias_compensation:
                 biases.update(compensation_biases(job, keep, record))
             job.masked.apply(keep, biases)
+        biases = {path: bias.to(job.device) for path, bias in biases.items()}  # computed where an onloaded layer ran
         yield job.subnetwork(target, keep, extra_biases=biases, info=_info(options, ratio=ratio))
 
 

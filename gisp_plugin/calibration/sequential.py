@@ -13,7 +13,9 @@ then each layer in turn
 on the outputs of the already pruned layers before it (Wanda-sp); ``propagate="dense"`` keeps the
 outputs of the statistics pass (FLAP, whose global decision needs every layer's statistics first).
 Peak memory is one layer's activations for the whole calibration set plus one batch's intermediates,
-whatever the depth of the model (``benchmarks/calibration_memory.py`` measures it).
+whatever the depth of the model (``benchmarks/calibration_memory.py`` measures it). The weights can
+be onloaded the same way, one layer at a time from CPU memory or disk (``placement``, see
+``gisp_plugin.calibration.onloading``; ``benchmarks/onloading_memory.py`` measures it).
 
 Data parallel (under ``torchrun``): each rank walks the layers on its contiguous share of the calibration
 set, and a layer's statistics are merged over the ranks, in rank order, before they are handed to the
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from gisp_plugin.calibration.onloading import LayerPlacement
 from gisp_plugin.calibration.recorder import InputStatsRecorder, batch_size_for
 from gisp_plugin.calibration.statistics import ChannelStats
 from gisp_plugin.data.api import CalibrationSet
@@ -98,6 +101,7 @@ def capture_layer_inputs(
     calibration: CalibrationSet,
     batch_size: int = 8,
     pad_token_id: int = 0,
+    device: torch.device | None = None,
 ) -> LayerInputs:
     """Run the calibration set up to the first decoder layer and keep what each layer receives.
 
@@ -105,7 +109,7 @@ def capture_layer_inputs(
     and passes the hidden states through untouched, so per-layer differences (a sliding-window mask on
     some layers only) are captured without computing any layer; the last stand-in stops the forward.
     """
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     kwargs: list[list[dict[str, Any]]] = [[] for _ in layers]
     hidden: list[torch.Tensor] = []
     token_masks: list[torch.Tensor] = []
@@ -159,7 +163,9 @@ class SequentialCalibration:
     """Iterate over decoder layers, yielding each layer's input statistics; see the module docstring.
 
     ``module_paths`` are relative to a decoder layer (``("self_attn.o_proj", "mlp.down_proj")``);
-    those also in ``routed_paths`` are stacked routed experts (see ``InputStatsRecorder``).
+    those also in ``routed_paths`` are stacked routed experts (see ``InputStatsRecorder``). With a
+    ``placement`` (``gisp_plugin.calibration.onloading``) the layers wait on CPU or disk and each is
+    brought to the execution device for its turn only; the results are those of the in-memory walk.
     After iteration, ``peak_bytes`` is the largest number of activation bytes held at once (the
     calibration set's hidden states for one layer, the per-layer keyword arguments, one batch's output).
     """
@@ -175,6 +181,7 @@ class SequentialCalibration:
         propagate: Propagation = "pruned",
         progress: bool = True,
         routed_paths: Sequence[str] = (),
+        placement: LayerPlacement | None = None,
     ):
         if propagate not in ("pruned", "dense"):
             raise ValueError(f"propagate must be 'pruned' or 'dense', got {propagate!r}")
@@ -187,6 +194,7 @@ class SequentialCalibration:
         self.pad_token_id = pad_token_id
         self.propagate = propagate
         self.progress = progress
+        self.placement = placement
         self.peak_bytes = 0
 
     def _run_layer(self, inputs: LayerInputs, index: int, replace: bool, recorder: InputStatsRecorder | None) -> None:
@@ -201,15 +209,20 @@ class SequentialCalibration:
             del output
 
     def __iter__(self) -> Iterator[LayerStatistics]:
+        placement = self.placement
+        with placement.walking() if placement is not None else contextlib.nullcontext():
+            yield from self._walk(placement.device if placement is not None else None)
+
+    def _walk(self, device: torch.device | None) -> Iterator[LayerStatistics]:
         setup = current_setup()
         share, _ = rank_share(self.calibration, setup=setup)
         with torch.no_grad():
-            inputs = capture_layer_inputs(self.model, self.layers, share, self.batch_size, self.pad_token_id)
+            inputs = capture_layer_inputs(self.model, self.layers, share, self.batch_size, self.pad_token_id, device)
         self._held = inputs.nbytes()
         self.peak_bytes = max(self.peak_bytes, self._held)
         log.debug("sequential calibration holds %.1f MB of layer inputs", self._held / 2**20)
         for index in tqdm(range(len(self.layers)), desc="calibrating layers", disable=not (self.progress and setup.is_main)):
-            layer = self.layers[index]
+            layer = self.placement.onload(index) if self.placement is not None else self.layers[index]
             # a model may mix dense and mixture-of-experts layers: each layer records the paths it has
             modules = {path: layer.get_submodule(path) for path in self.module_paths if _has_submodule(layer, path)}
             with torch.no_grad(), InputStatsRecorder(modules, self.routed_paths) as recorder:
@@ -219,4 +232,6 @@ class SequentialCalibration:
                 with torch.no_grad():
                     self._run_layer(inputs, index, replace=True, recorder=None)
             inputs.kwargs[index] = []  # layer i's arguments are no longer needed
+            if self.placement is not None:
+                self.placement.offload(index)
         inputs.hidden.clear()

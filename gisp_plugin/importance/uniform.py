@@ -4,7 +4,8 @@ LLM-Pruner removes a whole key/value group under grouped-query attention: the ke
 query head reading it. The anatomy keeps query heads as its units, so a *group* here is a tuple of
 unit indices that are scored and pruned together. Every listed layer loses the same fraction of its
 groups of every kind; the fraction is chosen so that the model-level parameter sparsity is closest to
-the target, counting parameters exactly as the anatomy does.
+the target, counting parameters exactly as the anatomy does. A non-uniform allocation (OWL) shifts each
+layer's fraction by a fixed per-layer ``offset``; the common fraction is then found the same way.
 """
 
 from __future__ import annotations
@@ -17,17 +18,30 @@ from gisp_plugin.importance.allocation import UnreachableTargetError
 
 Groups = dict[tuple[int, str], tuple[tuple[int, ...], ...]]
 GroupScores = dict[tuple[int, str], torch.Tensor]  # one float64 score per group
+Offsets = dict[int, float]  # layer -> amount added to the common fraction (absent: 0)
+
+
+def layer_ratio(ratio: float, layer: int, offsets: Offsets | None = None) -> float:
+    """The fraction of groups layer ``layer`` loses: the common ``ratio`` plus its offset, within [0, 1]."""
+    return min(1.0, max(0.0, ratio + (offsets or {}).get(layer, 0.0)))
 
 
 def singleton_groups(anatomy: ModelAnatomy, layers: list[int]) -> Groups:
     return {(i, name): tuple((u,) for u in range(kind.count)) for i in layers for name, kind in anatomy.layers[i].kinds.items()}
 
 
-def keep_groups(anatomy: ModelAnatomy, groups: Groups, order: dict[tuple[int, str], torch.Tensor], ratio: float) -> KeepMask:
-    """Prune ``round(ratio * n_groups)`` groups of every listed (layer, kind), first in ``order``."""
+def keep_groups(
+    anatomy: ModelAnatomy,
+    groups: Groups,
+    order: dict[tuple[int, str], torch.Tensor],
+    ratio: float,
+    offsets: Offsets | None = None,
+) -> KeepMask:
+    """Prune ``round(r * n_groups)`` groups of every listed (layer, kind), first in ``order``, with
+    ``r = layer_ratio(ratio, layer, offsets)``."""
     keep = KeepMask.dense(anatomy)
     for key, members in groups.items():
-        n_prune = min(len(members), round(ratio * len(members)))
+        n_prune = min(len(members), round(layer_ratio(ratio, key[0], offsets) * len(members)))
         flags = torch.ones(anatomy.kind(*key).count, dtype=torch.bool)
         for g in order[key][:n_prune].tolist():
             flags[list(members[g])] = False
@@ -41,14 +55,17 @@ def lowest_first(scores: GroupScores) -> dict[tuple[int, str], torch.Tensor]:
     return {key: torch.sort(value.double().cpu(), stable=True).indices for key, value in scores.items()}
 
 
-def keep_lowest(anatomy: ModelAnatomy, scores: GroupScores, ratio: float, groups: Groups | None = None) -> KeepMask:
-    """Prune the ``round(ratio * n)`` lowest-scoring groups of every (layer, kind) in ``scores``.
+def keep_lowest(
+    anatomy: ModelAnatomy, scores: GroupScores, ratio: float, groups: Groups | None = None, offsets: Offsets | None = None
+) -> KeepMask:
+    """Prune the ``round(r * n)`` lowest-scoring groups of every (layer, kind) in ``scores`` (``r`` as in
+    ``keep_groups``).
 
     Without ``groups`` every unit is its own group. Keys absent from ``scores`` stay dense.
     """
     if groups is None:
         groups = {key: tuple((u,) for u in range(value.numel())) for key, value in scores.items()}
-    return keep_groups(anatomy, {key: groups[key] for key in scores}, lowest_first(scores), ratio)
+    return keep_groups(anatomy, {key: groups[key] for key in scores}, lowest_first(scores), ratio, offsets)
 
 
 def take_layer(keep: KeepMask, decided: KeepMask, layer: int) -> None:
@@ -58,12 +75,16 @@ def take_layer(keep: KeepMask, decided: KeepMask, layer: int) -> None:
             keep[index, name] = flags
 
 
-def ratio_for_target(anatomy: ModelAnatomy, groups: Groups, target: float, scores: GroupScores | None = None) -> float:
+def ratio_for_target(
+    anatomy: ModelAnatomy, groups: Groups, target: float, scores: GroupScores | None = None, offsets: Offsets | None = None
+) -> float:
     """The per-layer fraction of groups whose rounding gives the sparsity closest to ``target``.
 
     With ``round(ratio * n)`` groups pruned per kind, sparsity is a non-decreasing step function of the
     ratio that changes only where some ``ratio * n`` crosses a half-integer; one ratio inside each step
-    is a candidate, and a bisection finds the steps either side of the target. With ``scores`` the
+    is a candidate, and a bisection finds the steps either side of the target. With per-layer
+    ``offsets`` layer ``l`` loses ``round((ratio + offset_l) * n)`` groups (clipped to [0, 1]): its steps
+    are shifted by ``-offset_l``, and the returned ratio is the common part. With ``scores`` the
     count is exact (the groups that would really go); without them (a sequential method that scores
     layer ``i`` only after pruning layers ``< i``) the first groups stand in, which is exact when the
     groups of a kind hold equal parameters (kv groups, MLP channels) and, for single GQA query heads,
@@ -76,11 +97,13 @@ def ratio_for_target(anatomy: ModelAnatomy, groups: Groups, target: float, score
     if target > full + 1e-9:
         raise UnreachableTargetError(f"sparsity {target} is above what layers {layers[0]}..{layers[-1]} give ({full:.3f})")
     first = lowest_first(scores) if scores is not None else {key: torch.arange(len(m)) for key, m in groups.items()}
-    breaks = sorted({(j + 0.5) / n for n in {len(m) for m in groups.values()} for j in range(n)})
-    candidates = [0.0] + [(a + b) / 2 for a, b in zip(breaks[:-1], breaks[1:], strict=True)] + [1.0]
+    shifts = {(len(m), (offsets or {}).get(layer, 0.0)) for (layer, _), m in groups.items()}
+    breaks = sorted({(j + 0.5) / n - offset for n, offset in shifts for j in range(n)})
+    lowest, highest = min(0.0, -max(o for _, o in shifts)), max(1.0, 1.0 - min(o for _, o in shifts))
+    candidates = [lowest] + [(a + b) / 2 for a, b in zip(breaks[:-1], breaks[1:], strict=True)] + [highest]
 
     def sparsity(index: int) -> float:
-        return anatomy.sparsity(keep_groups(anatomy, groups, first, candidates[index]))
+        return anatomy.sparsity(keep_groups(anatomy, groups, first, candidates[index], offsets))
 
     low, high = 0, len(candidates) - 1  # first candidate reaching the target lies in [low, high]
     while low < high:

@@ -82,14 +82,17 @@ class StructureSparsifier(BaseSparsifier):
     def _prepare(self, *args, **kwargs) -> None:
         for group in self.groups:
             module, name = group["module"], group["tensor_name"]
+            tensor = dense_tensor(module, name)
             adopted = resident_mask(module, name)
-            mask = self._mask(group["drivers"], dense_tensor(module, name))
+            mask = self._mask(group["drivers"], tensor)
             group["adopted"] = adopted is not None
             if adopted is not None:
                 adopted.mask.copy_(mask)
                 mask = adopted.mask
             else:
-                parametrize.register_parametrization(module, name, BroadcastStructuredSparsity(mask))
+                # a layer waiting on disk (gisp_plugin.calibration.onloading) has a meta weight: nothing to check it on
+                unsafe = tensor.device.type == "meta"
+                parametrize.register_parametrization(module, name, BroadcastStructuredSparsity(mask), unsafe=unsafe)
             self.state[group["tensor_fqn"]]["mask"] = mask
 
     def _mask(self, drivers: list[dict], tensor: torch.Tensor) -> torch.Tensor:
@@ -100,7 +103,7 @@ class StructureSparsifier(BaseSparsifier):
             if driver["dependent"] is not None:
                 flags = driver["dependent"].alive(flags)
             mask = mask & driver["slice"].keep_mask(flags, tensor.shape)
-        return mask.to(tensor.device)
+        return mask.to(tensor.device if tensor.device.type != "meta" else "cpu")  # masks stay real
 
     def update_mask(self, module: nn.Module, tensor_name: str, **group) -> None:
         parametrization = getattr(module.parametrizations, tensor_name)

@@ -12,6 +12,8 @@ from tests.tiny import tiny_model
 
 CASES = [
     ("wanda_sp", {}),
+    ("owl_sp", {}),
+    ("owl_sp", {"sequential": "false", "spread": "0.2"}),
     ("flap", {}),
     ("flap", {"structure": "UL-UM"}),
     ("llm_pruner", {"layer_start": "0", "layer_end": "4"}),
@@ -21,7 +23,7 @@ CASES = [
 
 def test_baselines_come_from_the_entry_point_plugins():
     methods = registered("method")
-    for name in ("wanda_sp", "flap", "llm_pruner"):
+    for name in ("wanda_sp", "flap", "llm_pruner", "owl_sp"):
         assert methods[name].plugin == name  # the entry point's name, not a built-in module
         assert methods[name].item.run.__module__ == f"gisp_baselines.{name}"
 

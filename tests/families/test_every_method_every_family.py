@@ -23,6 +23,7 @@ METHODS = {
     "random": [],
     "gisp": ["-o", "steps=2"],
     "wanda_sp": [],
+    "owl_sp": [],
     "flap": [],
     "llm_pruner": ["-o", "layer_start=0", "-o", "layer_end=3"],
     "shortgpt": [],  # one of the 3 layers: 0.33
