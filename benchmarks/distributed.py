@@ -26,41 +26,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from gisp_plugin.harness.memory import PeakSampler, resident_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
-
-
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakSampler:
-    """Samples resident memory in a background thread; ``peak`` is the largest value seen."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.peak = resident_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, resident_bytes())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, resident_bytes())
 
 
 def save_model(shape: str, folder: Path) -> None:
@@ -114,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
     summed = [weight_tensor(model, path) for path in weight_paths(anatomy)]  # the engine sums these in float32
     options = {"steps": 1, "batch_size": args.batch_size, "gradient_checkpointing": args.gradient_checkpointing}
     data = calibration(args.samples, args.seqlen, model.config.vocab_size)
-    with PeakSampler() as sampler:
+    with PeakSampler(interval=0.005) as sampler:
         started = time.perf_counter()
         subnetworks = list(run_method(model, tokenizer, "gisp", [0.2], options, calibration=data))
         elapsed = time.perf_counter() - started

@@ -31,22 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from gisp_plugin.harness.memory import peak_rss_bytes, resident_bytes
+
 MB = 2**20
 MODES = ("in_memory", "disk")
-
-
-def resident_bytes() -> int:
-    import os
-
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_resident_bytes() -> int:
-    """The kernel's high-water mark of this process's resident memory (``VmHWM``)."""
-    with open("/proc/self/status") as handle:
-        line = next(line for line in handle if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024  # kB
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -74,7 +62,7 @@ def measure(args: argparse.Namespace) -> dict:
     )
     (sub,) = run_method(model, None, "wanda_sp", [0.3], {**options, "batch_size": str(args.batch_size)}, calibration=calibration)
     elapsed = time.perf_counter() - started
-    peak = peak_resident_bytes()
+    peak = peak_rss_bytes()
     masks = json.dumps(sub.keep.to_json(), sort_keys=True)
     return {
         "mode": args.mode,

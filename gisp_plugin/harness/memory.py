@@ -2,12 +2,16 @@
 
 On Linux the kernel's peak-RSS counter can be reset (``/proc/self/clear_refs`` = 5), so the CPU peak
 belongs to the measured stretch alone (it includes what was resident before it, such as the model).
+``PeakSampler`` instead samples the resident memory in a thread, for benchmarks that must not reset the
+kernel's counter (several stretches measured in one process).
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -54,3 +58,33 @@ class PeakMemory:
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
             self.peak_bytes = peak_rss_bytes()
+
+
+def resident_bytes() -> int:
+    """The process's resident memory now (``/proc/self/statm``)."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakSampler:
+    """Samples resident memory in a background thread; ``peak`` is the largest value seen."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.peak = resident_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, resident_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_bytes())

@@ -246,6 +246,10 @@ def accumulate_gradients(
     """
     from gisp_plugin.distributed.fsdp import is_sharded
 
+    weights = objective.sample_weights(calibration) if sample_weights is None else sample_weights
+    weights = weights.to(torch.float64).cpu()
+    if weights.shape != (len(calibration),):
+        raise ValueError(f"sample weights need shape ({len(calibration)},), got {tuple(weights.shape)}")
     if is_sharded(model):
         from gisp_plugin.importance.sharded_gradients import accumulate_sharded_gradients
 
@@ -257,14 +261,10 @@ def accumulate_gradients(
             batch_size=batch_size,
             per_sample_squares=per_sample_squares,
             gradient_checkpointing=gradient_checkpointing,
-            sample_weights=sample_weights,
+            sample_weights=weights,
             pad_token_id=pad_token_id,
             progress=progress,
         )
-    weights = objective.sample_weights(calibration) if sample_weights is None else sample_weights
-    weights = weights.to(torch.float64).cpu()
-    if weights.shape != (len(calibration),):
-        raise ValueError(f"sample weights need shape ({len(calibration)},), got {tuple(weights.shape)}")
     setup = current_setup()
     calibration, weights = rank_share(calibration, weights, setup)
     if per_sample_squares:

@@ -101,18 +101,16 @@ def accumulate_sharded_gradients(
     batch_size: int,
     per_sample_squares: bool,
     gradient_checkpointing: bool,
-    sample_weights: torch.Tensor | None,
+    sample_weights: torch.Tensor,
     pad_token_id: int,
     progress: str | None,
 ) -> GradientSums:
-    """The FSDP path of ``accumulate_gradients`` (same arguments and result; see the module docstring)."""
+    """The FSDP path of ``accumulate_gradients`` (same arguments and result; see the module docstring);
+    ``sample_weights`` are the whole set's, float64 ``[len(calibration)]``, already checked."""
     if per_sample_squares:
         raise InputError("per-sample squared gradients need one rank's own gradients; run without --fsdp")
     setup = current_setup(fsdp=True)
-    weights = objective.sample_weights(calibration) if sample_weights is None else sample_weights
-    weights = weights.to(torch.float64).cpu()
-    if weights.shape != (len(calibration),):
-        raise ValueError(f"sample weights need shape ({len(calibration)},), got {tuple(weights.shape)}")
+    weights = sample_weights
     local, local_weights = rank_share(calibration, weights, setup)
     rounds = max(
         math.ceil(len(shard_range(len(calibration), DistributedSetup(setup.world_size, r))) / batch_size)
