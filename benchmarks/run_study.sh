@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-results/study}
 PPL="perplexity:source=boolq-wiki,seqlen=128,max_windows=64"
 
-# 1. Quality: six methods x 20/30/40/50%, perplexity + seven zero-shot tasks (about 45 minutes).
+# 1. Quality: eight methods x 20/30/40/50%, perplexity + seven zero-shot tasks (about an hour).
 gisp compare --config benchmarks/configs/quality.yaml --out "$OUT/quality"
 # 2. Claims (a) and (b): one-shot GISP beside the quality study's iterative run; (b) reads the quality table.
 python benchmarks/study_claims.py --out "$OUT" --claims a,b --json "$OUT/claims_ab.json"

@@ -9,9 +9,6 @@ scores to 1e-5 relative to each kind's largest score, and the pruned structures 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,19 +25,10 @@ from gisp_plugin.methods.gisp import GispOptions, step_scores
 from gisp_plugin.models.loading import load_model
 from gisp_plugin.pruning import run_method
 from tests.distributed.fsdp_cases import GISP_OPTIONS, TARGETS, calibration, probe_ids
+from tests.distributed.launch import torchrun
 from tests.tiny import tiny_folder, tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("fsdp_worker.py")
-
-
-def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``script`` on ``nproc`` CPU ranks; a failure shows the ranks' last output."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'baselines'}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script), *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    return done
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +47,8 @@ def tied_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=[False, True], ids=["fsdp", "fsdp+cpu_offload+checkpointing"])
 def sharded(request, folder, tied_folder, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("out")
-    torchrun(WORKER, str(folder), str(tied_folder), str(out), *(["--cpu-offload"] if request.param else []))
+    job = torchrun(WORKER, str(folder), str(tied_folder), str(out), *(["--cpu-offload"] if request.param else []), timeout=300)
+    assert job.returncode == 0, (job.stdout + job.stderr)[-4000:]
     return {"tensors": load_file(out / "tensors.safetensors"), **json.loads((out / "record.json").read_text())}
 
 
