@@ -124,7 +124,7 @@ BAD_CONFIG = st.one_of(
     st.tuples(st.just("n_samples"), _not_a_count(1)),
     st.tuples(st.just("seqlen"), _not_a_count(2) | st.integers(129, 10**7)),
     st.tuples(st.just("seed"), _not_a_count(0)),
-    st.tuples(st.just("pad_to"), _not_a_count(1)),
+    st.tuples(st.just("pad_to"), _not_a_count(1).filter(lambda v: v is not None)),  # null is the default: automatic
     st.tuples(st.just("sparsities"), st.lists(st.floats().filter(lambda v: not 0 < v < 1), min_size=1, max_size=3)),
     st.tuples(st.just("sparsities"), st.one_of(st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.booleans())),
     st.tuples(
