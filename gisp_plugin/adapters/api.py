@@ -39,8 +39,12 @@ class ArchitectureAdapter:
 
 
 def adapter_for(model: PreTrainedModel) -> ArchitectureAdapter:
-    """The registered adapter for this model's family, or an error naming the supported ones."""
-    model_type = getattr(model.config, "model_type", type(model).__name__)
+    """The registered adapter for this model's family, or an error naming the supported ones.
+
+    A compacted model is found under its dense family (``config.pruning_base_model_type``).
+    """
+    config = model.config
+    model_type = getattr(config, "pruning_base_model_type", None) or getattr(config, "model_type", type(model).__name__)
     adapters = [entry.item for entry in registered("adapter").values()]
     for adapter in adapters:
         if model_type in adapter.model_types:

@@ -28,6 +28,7 @@ COMMANDS = (
     "gisp_plugin.cli.compare_cmd",
     "gisp_plugin.cli.push_cmd",
     "gisp_plugin.cli.plan_cmd",
+    "gisp_plugin.cli.export_cmd",
 )
 
 

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from gisp_plugin.adapters.api import ArchitectureAdapter
     from gisp_plugin.data.api import DataSource
     from gisp_plugin.evaluation.api import Evaluator
+    from gisp_plugin.export.api import ExportFormat
     from gisp_plugin.importance.losses import Loss
     from gisp_plugin.methods.api import MethodSpec
 
@@ -45,3 +46,8 @@ def gisp_losses() -> list[Loss]:
 @hookspec
 def gisp_evaluators() -> list[Evaluator]:
     """Named evaluators that measure a (pruned) model."""
+
+
+@hookspec
+def gisp_export_formats() -> list[ExportFormat]:
+    """Formats a pruned model can be exported to for an inference engine (GGUF, Nemotron-NAS, ...)."""

@@ -24,6 +24,7 @@ DEFAULT_PLUGINS = (
     "gisp_plugin.importance.losses",
     "gisp_plugin.evaluation.evaluators",
     "gisp_plugin.data.sources",
+    "gisp_plugin.export.formats",
 )
 
 HOOKS = {
@@ -32,6 +33,7 @@ HOOKS = {
     "data source": "gisp_data_sources",
     "loss": "gisp_losses",
     "evaluator": "gisp_evaluators",
+    "export format": "gisp_export_formats",
 }
 
 

@@ -1,0 +1,210 @@
+"""The family's own model for a compacted one: loads with ``trust_remote_code=False`` in every engine.
+
+When every layer of a compacted model has the same shape (query and key/value heads in even groups, one
+MLP width), the family's own config expresses it: the head counts and ``intermediate_size`` change, the
+head size is kept (``head_dim``), removed layers are already renumbered. ``to_native`` builds that model
+from the compacted model's tensors, laid out as the family lays them (even groups contiguous, fused
+projections fused again), and checks it before anyone relies on it: the family's model must take every
+tensor with no other left unset (biases the family only has in all-or-none form, such as Llama's
+``attention_bias``, are switched on and the missing ones are zero), and its logits on a few random tokens,
+with and without the key/value cache, must equal the compacted model's. Otherwise ``NativeFormError``
+says why, and the caller keeps the pruned form (``modeling_gisp_pruned.py``).
+
+With ``pad=True`` (``gisp export --format hf``) layers are first padded to one shape with inert zero heads
+and zero MLP channels: the result is exact and loads natively everywhere, at the cost of executing the
+padding (reported). Mixtures of experts are not converted (stacked experts need one width and one count
+per layer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from gisp_plugin.anatomy.decoder import DecoderDeclaration
+from gisp_plugin.export.engine_layers import EngineLayer, even_groups, pad_heads, pad_mlp, read_layer
+from gisp_plugin.export.model_parts import ModelParts, model_parts
+
+PRUNED_FIELDS = ("pruned_layers", "pruning_base_model_type", "removed_layers", "auto_map", "architectures", "model_type")
+BIAS_SWITCHES = ("attention_bias", "mlp_bias")  # config fields that give every attention / MLP projection a bias
+
+
+class NativeFormError(ValueError):
+    """A compacted model that its family's own config cannot express exactly; the message says why."""
+
+
+@dataclass(frozen=True)
+class NativeShape:
+    """The one shape every layer has: query heads, key/value heads, head size, MLP width."""
+
+    n_head: int
+    n_kv: int
+    head_dim: int
+    width: int
+
+
+def _uniform_shape(layers: list[EngineLayer], pad: bool) -> NativeShape:
+    """The shared shape of the layers, or (``pad``) the smallest one every layer pads up to."""
+    shapes = {(lay.attention.n_head, lay.attention.n_kv, lay.mlp.width) for lay in layers}
+    head_dim = layers[0].attention.head_dim
+    if len(shapes) == 1:
+        n_head, n_kv, width = shapes.pop()
+        if n_head and n_kv:
+            return NativeShape(n_head, n_kv, head_dim, width)
+    if not pad:
+        described = ", ".join(f"{h}/{kv} heads, {w} channels" for h, kv, w in sorted(shapes))
+        raise NativeFormError(f"layers differ in shape ({described}); per-layer shapes need modeling_gisp_pruned.py")
+    n_kv = max(max(lay.attention.n_kv for lay in layers), 1)
+    group = max((lay.attention.n_head // lay.attention.n_kv for lay in layers if lay.attention.n_kv), default=1)
+    return NativeShape(group * n_kv, n_kv, head_dim, max(lay.mlp.width for lay in layers))
+
+
+def _layer_state(layer: EngineLayer, declaration: DecoderDeclaration) -> dict[str, torch.Tensor]:
+    """One layer's tensors under the family's own names (fused projections fused again)."""
+    att, mlp = layer.attention, layer.mlp
+    a, m = declaration.attention, declaration.mlp
+    state = dict(layer.others)
+    projections = {
+        f"{a.module}.{a.o}": (att.o, att.o_bias),
+        f"{m.module}.{m.down}": (mlp.down, mlp.down_bias),
+    }
+    if a.qkv is not None:
+        biases = (att.q_bias, att.k_bias, att.v_bias)
+        bias = None if any(b is None for b in biases) else torch.cat(biases)
+        projections[f"{a.module}.{a.qkv}"] = (torch.cat([att.q, att.k, att.v]), bias)
+    else:
+        projections.update(
+            {
+                f"{a.module}.{a.q}": (att.q, att.q_bias),
+                f"{a.module}.{a.k}": (att.k, att.k_bias),
+                f"{a.module}.{a.v}": (att.v, att.v_bias),
+            }
+        )
+    if m.gate_up is not None:
+        bias = None if mlp.gate_bias is None or mlp.up_bias is None else torch.cat([mlp.gate_bias, mlp.up_bias])
+        projections[f"{m.module}.{m.gate_up}"] = (torch.cat([mlp.gate, mlp.up]), bias)
+    else:
+        projections.update({f"{m.module}.{m.gate}": (mlp.gate, mlp.gate_bias), f"{m.module}.{m.up}": (mlp.up, mlp.up_bias)})
+    for path, (weight, bias) in projections.items():
+        state[f"{path}.weight"] = weight
+        if bias is not None:
+            state[f"{path}.bias"] = bias
+    return state
+
+
+def _native_config(model: PreTrainedModel, parts: ModelParts, shape: NativeShape, switches: dict[str, bool]):
+    values = model.config.to_dict()
+    for key in PRUNED_FIELDS:
+        values.pop(key, None)
+    values.update(
+        num_attention_heads=shape.n_head,
+        num_key_value_heads=shape.n_kv,
+        head_dim=shape.head_dim,
+        intermediate_size=shape.width,
+        **switches,
+    )
+    config = CONFIG_MAPPING[parts.family](**values)
+    config._attn_implementation = model.config._attn_implementation
+    return config
+
+
+def _build(model: PreTrainedModel, parts: ModelParts, shape: NativeShape, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """The family's model holding ``state``; bias switches turned on where the state has biases the family lacks."""
+    switches: dict[str, bool] = {}
+    for _ in range(len(BIAS_SWITCHES) + 1):
+        config = _native_config(model, parts, shape, switches)
+        with torch.device("meta"):
+            native = AutoModelForCausalLM.from_config(config)
+        expected = dict(native.state_dict())
+        unexpected = sorted(set(state) - set(expected))
+        wanted = [s for s in BIAS_SWITCHES if hasattr(config, s) and not getattr(config, s) and unexpected]
+        if unexpected and wanted and all(name.endswith(".bias") for name in unexpected):
+            switches.update(dict.fromkeys(wanted, True))
+            continue
+        break
+    if unexpected:
+        raise NativeFormError(f"the {parts.family} config has no place for {', '.join(unexpected[:3])}")
+    tied = {name for name, _ in native.named_parameters(remove_duplicate=False)} - {name for name, _ in native.named_parameters()}
+    missing = [name for name in expected if name not in state and name not in tied]
+    for name in missing:
+        if not name.endswith(".bias"):
+            raise NativeFormError(f"the {parts.family} model needs {name}, which the compacted model does not hold")
+        state[name] = torch.zeros(expected[name].shape, dtype=model.dtype)
+    wrong = [name for name, tensor in state.items() if tuple(tensor.shape) != tuple(expected[name].shape)]
+    if wrong:
+        raise NativeFormError(
+            f"the {parts.family} config builds {wrong[0]} as {tuple(expected[wrong[0]].shape)}, "
+            f"the compacted model holds {tuple(state[wrong[0]].shape)}"
+        )
+    native.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False, assign=True)
+    for name, buffer in model.named_buffers():  # rotary frequencies and other computed buffers
+        owner, _, attr = name.rpartition(".")
+        try:
+            target = native.get_submodule(owner)
+        except AttributeError:
+            continue
+        if attr in target._buffers and target._buffers[attr] is not None and target._buffers[attr].is_meta:
+            target._buffers[attr] = buffer.clone()
+    native.tie_weights()
+    unset = [name for name, p in list(native.named_parameters()) + list(native.named_buffers()) if p.is_meta]
+    if unset:
+        raise NativeFormError(f"the {parts.family} model leaves {', '.join(unset[:3])} unset")
+    native.generation_config = model.generation_config
+    return native.eval()
+
+
+def check_same_outputs(reference: PreTrainedModel, candidate: PreTrainedModel, family: str) -> None:
+    """Logits of both models on random tokens, whole and token by token through the cache, must agree.
+
+    Tolerance: 1e-4 of the largest logit (float32; zero padding only reorders sums), 3e-2 in half precision.
+    """
+    vocab = reference.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(reference.device)
+    rtol = 1e-4 if reference.dtype == torch.float32 else 3e-2
+    with torch.no_grad():
+        want = reference(ids).logits.float()
+        got = candidate(ids).logits.float()
+        prefix = candidate(ids[:, :5], use_cache=True)
+        step = candidate(ids[:, 5:], past_key_values=prefix.past_key_values, use_cache=True).logits.float()
+    scale = want.abs().max().item() or 1.0
+    for name, a, b in (("logits", got, want), ("cached logits", step, want[:, 5:])):
+        error = (a - b).abs().max().item()
+        if error > rtol * scale:
+            raise NativeFormError(f"the {family} model's {name} differ from the compacted model's by {error:.3g}")
+
+
+def to_native(model: PreTrainedModel, pad: bool = False, grouping: str = "pad") -> tuple[PreTrainedModel, list[str]]:
+    """The family's own model equal to ``model`` and what was padded (``pad``); ``NativeFormError`` if none is."""
+    parts = model_parts(model)
+    try:
+        layers = [read_layer(layer, parts.declaration) for layer in parts.layers]
+    except ValueError as err:
+        raise NativeFormError(str(err)) from None
+    notes: list[str] = []
+    evened = []
+    for index, layer in enumerate(layers):
+        attention = even_groups(layer.attention, grouping)
+        if attention.n_head != layer.attention.n_head or attention.n_kv != layer.attention.n_kv:
+            if not pad:
+                raise NativeFormError(f"layer {index} has uneven key/value groups; per-layer shapes need modeling_gisp_pruned.py")
+            notes.append(f"layer {index}: uneven groups {layer.attention.n_head}/{layer.attention.n_kv} made even")
+        evened.append(EngineLayer(attention, layer.mlp, layer.others))
+    shape = _uniform_shape(evened, pad)
+    state = {}
+    for index, layer in enumerate(evened):
+        att = layer.attention
+        if (att.n_head, att.n_kv) != (shape.n_head, shape.n_kv):
+            notes.append(f"layer {index}: {att.n_head}/{att.n_kv} -> {shape.n_head}/{shape.n_kv} heads")
+            att = pad_heads(att, shape.n_head, shape.n_kv)
+        if layer.mlp.width != shape.width:
+            notes.append(f"layer {index}: {layer.mlp.width} -> {shape.width} MLP channels")
+        padded = EngineLayer(att, pad_mlp(layer.mlp, shape.width), layer.others)
+        for path, tensor in _layer_state(padded, parts.declaration).items():
+            state[f"{parts.layers_path}.{index}.{path}"] = tensor
+    state.update(parts.outside_layers(model))
+    native = _build(model, parts, shape, state)
+    check_same_outputs(model, native, parts.family)
+    return native, notes

@@ -1,0 +1,74 @@
+"""``gisp export``: one pruned (or dense) model folder written in an engine's format, atomically.
+
+The request is checked before any model is loaded (the format exists, ``--out`` is free, the source is a
+model folder); the format's own check refuses what it cannot express before anything is written; the
+output is written under a temporary name beside ``--out`` and renamed when complete, so an error or an
+interruption leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from gisp_plugin.export.api import ExportError, ExportFormat, ExportOptions, ExportReport
+from gisp_plugin.models.loading import load_model, resolve_model_path
+from gisp_plugin.plugins.manager import lookup
+
+log = logging.getLogger(__name__)
+REPORT_FILE = "export.json"
+
+
+def export_format(name: str) -> ExportFormat:
+    """The registered format called ``name`` (an unknown one names those available)."""
+    return lookup("export format", name)
+
+
+def default_out(source: Path, fmt: ExportFormat, options: ExportOptions) -> Path:
+    """Where ``--export`` puts a format beside a saved folder: ``NAME.gguf``, ``NAME-nemotron-nas``, ``NAME-hf``."""
+    if fmt.single_file:
+        return source.with_name(f"{source.name}-{options.weight_type}.gguf")
+    return source.with_name(f"{source.name}-{fmt.name}")
+
+
+def check_request(source: str | Path, fmt_name: str, out: Path) -> tuple[ExportFormat, str]:
+    """The format and the source folder, or one clear error, before any model is loaded."""
+    fmt = export_format(fmt_name)
+    if out.exists():
+        raise ExportError(f"--out {str(out)!r} already exists; give a new path or remove it first")
+    if not out.parent.exists():
+        raise ExportError(f"the folder of --out {str(out)!r} does not exist")
+    folder = resolve_model_path(str(source))
+    if not Path(folder).is_dir():
+        raise ExportError(f"{str(source)!r} is not a local model folder; export a folder written by `gisp prune`")
+    return fmt, folder
+
+
+def export_folder(source: str | Path, fmt_name: str, out: str | Path, options: ExportOptions | None = None) -> ExportReport:
+    """Write the model in ``source`` (a pruned or dense model folder) to ``out`` in the format ``fmt_name``."""
+    options = options or ExportOptions()
+    out = Path(out)
+    fmt, folder = check_request(source, fmt_name, out)
+    model, _ = load_model(folder, device="cpu", dtype="float32")
+    fmt.check(model, options)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        report = fmt.write(model, Path(folder), partial, options)
+        report.path = out
+        if not fmt.single_file:
+            record = Path(folder) / "pruning.json"
+            source_record = json.loads(record.read_text()) if record.exists() else None
+            (partial / REPORT_FILE).write_text(
+                json.dumps({**report.record(), "source": str(folder), "pruning": source_record}, indent=1)
+            )
+        partial.replace(out)
+    except BaseException:
+        if partial.is_dir():
+            shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+        raise
+    return report
