@@ -215,9 +215,11 @@ def pruning_record(
     calibration: str | None,
     seed: int,
     distributed: DistributedSetup | None = None,
+    layers: list[dict] | None = None,
 ) -> PruningRecord:
     """The record saved beside a compacted model (sparsity here counts the real tensors); ``distributed``
-    is the setup that pruned it (default: one process)."""
+    is the setup that pruned it (default: one process); ``layers`` are the per-layer shapes (default: the
+    compacted model's ``config.pruned_layers``, given when the model saved is the family's own)."""
     return PruningRecord(
         base_model=base_model,
         method=method,
@@ -225,7 +227,7 @@ def pruning_record(
         target=subnetwork.target,
         sparsity=1.0 - params["decoder"] / params["decoder_dense"],
         params=params,
-        layers=compact.config.pruned_layers,
+        layers=compact.config.pruned_layers if layers is None else layers,
         pruned_structures=subnetwork.keep.to_json(),
         calibration=calibration,
         seed=seed,

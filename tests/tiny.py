@@ -309,6 +309,20 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
 
 
+def tiny_spm_tokenizer(vocab: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-fallback BPE tokenizer in the Llama 2 / Mistral layout (metaspace, ``<0xNN>`` byte tokens), trained
+    offline on SAMPLE_TEXT: the layout llama.cpp's converter reads for a DeciLM vocabulary that is not Llama 3's."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator([SAMPLE_TEXT] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+
+
 def tiny_folder(root, family: str, tokenizer) -> tuple:
     """A saved tiny ``family`` model with ``tokenizer`` in ``root/tiny-FAMILY``, and a text file of
     SAMPLE_TEXT repeated: what a comparison config needs for its model and its data."""

@@ -1,9 +1,11 @@
 """Saving and loading compacted models: a normal HF folder plus the pruning record.
 
-A saved folder holds ``model.safetensors``, ``config.json`` (with ``auto_map`` to the modelling file
-copied beside it, so ``trust_remote_code=True`` loads it without this package), the tokenizer and
-``pruning.json`` and the model card ``README.md``. Folders are written under a temporary name and renamed when complete, so an
-interrupted save never leaves a half-written model behind. No pickle: safetensors and JSON only.
+A saved folder holds ``model.safetensors``, ``config.json``, the tokenizer, ``pruning.json`` and the model
+card ``README.md``. A compacted model whose layers differ in shape is saved with ``auto_map`` to the
+modelling file copied beside it (``trust_remote_code=True`` loads it without this package); the family's own
+model (``export.native.saved_form``: every layer of one shape) is saved as it is, and loads without remote
+code. Folders are written under a temporary name and renamed when complete, so an interrupted save never
+leaves a half-written model behind. No pickle: safetensors and JSON only.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import gisp_plugin
 from gisp_plugin.compaction import modeling_gisp_pruned
@@ -79,7 +81,8 @@ def save_pruned(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
-        shutil.copy(modeling_gisp_pruned.__file__, tmp / "modeling_gisp_pruned.py")
+        if is_gisp_pruned(model.config):
+            shutil.copy(modeling_gisp_pruned.__file__, tmp / "modeling_gisp_pruned.py")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(asdict(record), indent=1))
@@ -118,6 +121,13 @@ def read_record(path: str | Path) -> dict[str, Any]:
     return record
 
 
+def is_gisp_pruned(config: Any) -> bool:
+    """Whether a config (object or ``config.json`` dict) is a pruned model's with per-layer shapes (remote code)."""
+    if isinstance(config, dict):
+        return bool(config.get("pruning_base_model_type"))
+    return bool(getattr(config, "pruning_base_model_type", None))
+
+
 def is_pruned_folder(path: str | Path) -> bool:
     return (Path(path) / RECORD_FILE).exists()
 
@@ -128,7 +138,7 @@ def load_pruned(
     dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
 ) -> PreTrainedModel:
-    """Load a folder written by ``save_pruned`` with this package's modelling classes."""
+    """Load a folder written by ``save_pruned``: with this package's modelling classes, or as the family's own model."""
     device = check_device(device)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
@@ -138,19 +148,23 @@ def load_pruned(
         config_data = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path / 'config.json'} is missing or corrupt: {err}") from err
-    family = config_data.get("pruning_base_model_type")
-    try:
-        _, model_cls = pruned_classes(family)
-    except KeyError as err:
-        raise CheckpointError(
-            f"{str(path)!r} has config model_type {config_data.get('model_type')!r}, not a gisp-plugin pruned model "
-            f"of a family this transformers knows ({err})"
-        ) from err
+    if is_gisp_pruned(config_data):
+        try:
+            _, model_cls = pruned_classes(config_data["pruning_base_model_type"])
+        except KeyError as err:
+            raise CheckpointError(
+                f"{str(path)!r} has config model_type {config_data.get('model_type')!r}, not a gisp-plugin pruned model "
+                f"of a family this transformers knows ({err})"
+            ) from err
+    else:  # saved in the family's own form
+        model_cls = AutoModelForCausalLM
     try:
         check_weights(path)  # safetensors only, each file complete
     except ModelLoadError as err:
         raise CheckpointError(str(err)) from err
     kwargs: dict[str, Any] = {"dtype": dtype or "auto", "use_safetensors": True}
+    if model_cls is AutoModelForCausalLM:
+        kwargs["trust_remote_code"] = False
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from gisp_plugin.checkpoint.run_folder import RunFolder, open_run_folder
 from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.cli.arguments import int_at_least, parse_sparsities
+from gisp_plugin.cli.export_cmd import add_export_options, export_options
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
 from gisp_plugin.data.loading import data_source, load_calibration
 from gisp_plugin.deploy.padding import default_pad_to
@@ -37,6 +39,8 @@ from gisp_plugin.deploy.quantize import CHOICES, QuantChoice, check_quantization
 from gisp_plugin.deploy.size import weights_bytes
 from gisp_plugin.distributed.context import DistributedSetup, device_for, init_distributed, launch_setup, leave_distributed
 from gisp_plugin.distributed.sharded_loading import load_sharded_model
+from gisp_plugin.export.native import saved_form
+from gisp_plugin.export.run import default_out, export_folder, export_format
 from gisp_plugin.inputs import InputError, check_attention, check_device, check_seqlen, context_limit, folder_context_limit
 from gisp_plugin.methods.api import MethodSpec
 from gisp_plugin.methods.options import options_to_dict, parse_assignments
@@ -72,6 +76,48 @@ def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_export_argument(parser: argparse.ArgumentParser) -> None:
+    """``--export FORMAT[,FORMAT]`` and the export options, for every command that saves pruned folders."""
+    parser.add_argument(
+        "--export",
+        default=None,
+        metavar="FORMAT",
+        help="also export every saved model: gguf (llama.cpp), nemotron-nas (vLLM, SGLang, TensorRT-LLM), hf; comma-separated",
+    )
+    add_export_options(parser)
+
+
+def check_exports(args: argparse.Namespace) -> list[str]:
+    """The ``--export`` format names, each known, and the export options valid (before any model is loaded)."""
+    names = [name.strip() for name in (args.export or "").split(",") if name.strip()]
+    for name in names:
+        export_format(name)
+    export_options(args)
+    return names
+
+
+def check_exportable(model: PreTrainedModel, names: list[str], args: argparse.Namespace) -> None:
+    """Each format's own check on the dense model (the family and its config decide), before any pruning."""
+    for name in names:
+        export_format(name).check(model, export_options(args))
+
+
+def export_beside(saved: Path, names: list[str], args: argparse.Namespace) -> list[str]:
+    """Export a just-saved folder in every ``--export`` format beside it (a stale export of a resumed run is replaced)."""
+    written = []
+    for name in names:
+        options = export_options(args)
+        out = default_out(saved, export_format(name), options)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        report = export_folder(saved, name, out, options)
+        log.info("%s", report.line())
+        written.append(out)
+    return written
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("prune", help="prune a model to one or more sparsities and save compacted models")
     add_model_arguments(parser)
@@ -87,6 +133,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="round MLP widths up to a multiple with inert zero channels (default: 64 on CUDA, 1 = none elsewhere)",
     )
     add_quantize_argument(parser)
+    add_export_argument(parser)
     parser.add_argument("--trajectory-only", action="store_true", help="write only the trajectory (nested methods)")
     parser.add_argument(
         "--recover-steps",
@@ -155,6 +202,7 @@ def run_request(args: argparse.Namespace, parsed, targets, request: CalibrationR
         "trajectory_only": args.trajectory_only,
         "recover_steps": args.recover_steps,
         "recovery_data": recovery.label if recovery else None,
+        "export": args.export,
     }
 
 
@@ -170,6 +218,7 @@ def check_inputs(args: argparse.Namespace) -> tuple:
     check_attention(args.attn)
     request = calibration_request(spec, args)
     quantization = check_quantization(args.quantize, args.device, args.dtype)
+    args.exports = check_exports(args)
     args.pad_to = default_pad_to(args.device, args.pad_to)
     recovery = recovery_request(request, args)
     check_ranks(request, launch_setup())
@@ -222,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
     options, spec, parsed, targets, request, recovery, quantization, folder = check_inputs(args)  # before loading anything
     model, tokenizer, sharded = load_for_job(args)
     check_run(model, args.method, targets, options, request)  # reach of the targets, context, finite weights
+    check_exportable(model, args.exports, args)
     if recovery is not None:
         check_seqlen("recovery", recovery.seqlen, context_limit(model.config), args.model)
     main = launch_setup().is_main
@@ -290,6 +340,8 @@ def prune_into(
                 report = RecoveryReport()
                 recover(compact, tokenizer, recovery_data, RecoveryOptions(steps=args.recover_steps, seed=args.seed), report)
                 subnetwork.info["recovery"] = {"steps": args.recover_steps, "data": recovery_data.name, "losses": report.losses}
+            layers = compact.config.pruned_layers
+            compact, form = saved_form(compact)
             if quantization is not None:
                 quantize_model(compact, quantization)
             record = pruning_record(
@@ -302,13 +354,18 @@ def prune_into(
                 request.label if request else None,
                 args.seed,
                 setup,
+                layers,
             )
             record.info["pad_to"] = args.pad_to
+            record.info["saved_form"] = form
             if quantization is not None:
                 record.info["quantization"] = quantization_info(quantization)
             name = f"{args.method}-s{subnetwork.target:.2f}" + (f"-{quantization.slug}" if quantization else "")
             saved = save_pruned(compact, tokenizer, out / name, record)
             line.update(folder=str(folder.final_path(saved)), sparsity=round(record.sparsity, 5), params=params)
+            line["form"] = form["form"]
+            if args.exports:
+                line["exports"] = [str(folder.final_path(path)) for path in export_beside(saved, args.exports, args)]
             line["weights_mib"] = round(weights_bytes(saved) / 2**20, 3)
             del compact
         line["elapsed_s"] = round(time.perf_counter() - started, 2)

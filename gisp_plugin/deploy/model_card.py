@@ -81,14 +81,21 @@ def _evaluation_table(evaluations: dict[str, dict[str, float]]) -> list[str]:
 
 def _how_to_load(record: dict[str, Any], repo_id: str | None) -> list[str]:
     where = repo_id or "path/to/this/folder"
+    native = record.get("info", {}).get("saved_form", {}).get("form") == "native"
+    intro = (
+        "Every layer has the same shape, so this is the family's own model: it loads without remote code, and "
+        "every engine that runs the base model runs it (vLLM, SGLang, llama.cpp's convert_hf_to_gguf.py):"
+        if native
+        else "The pruned layers have their own shapes, so the modelling code ships in this folder "
+        "(`modeling_gisp_pruned.py`, needs only torch and transformers); `gisp export` writes it for inference engines:"
+    )
     lines = [
-        "The pruned layers have their own shapes, so the modelling code ships in this folder "
-        "(`modeling_gisp_pruned.py`, needs only torch and transformers):",
+        intro,
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f'model = AutoModelForCausalLM.from_pretrained("{where}", trust_remote_code=True)',
+        f'model = AutoModelForCausalLM.from_pretrained("{where}", trust_remote_code={not native})',
         f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
         "```",
         "",

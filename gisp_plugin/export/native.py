@@ -168,7 +168,7 @@ def check_same_outputs(reference: PreTrainedModel, candidate: PreTrainedModel, f
         want = reference(ids).logits.float()
         got = candidate(ids).logits.float()
         prefix = candidate(ids[:, :5], use_cache=True)
-        step = candidate(ids[:, 5:], past_key_values=prefix.past_key_values, use_cache=True).logits.float()
+        step = candidate(ids[:, 5:], cache=prefix.cache, use_cache=True).logits.float()
     scale = want.abs().max().item() or 1.0
     for name, a, b in (("logits", got, want), ("cached logits", step, want[:, 5:])):
         error = (a - b).abs().max().item()
@@ -208,3 +208,14 @@ def to_native(model: PreTrainedModel, pad: bool = False, grouping: str = "pad") 
     native = _build(model, parts, shape, state)
     check_same_outputs(model, native, parts.family)
     return native, notes
+
+
+def saved_form(compact: PreTrainedModel) -> tuple[PreTrainedModel, dict[str, str]]:
+    """What ``gisp prune`` saves: the family's own model when it holds the compacted one exactly (no padding),
+    else the compacted model with its modelling file; and which form it is and why (for ``pruning.json``)."""
+    try:
+        native, _ = to_native(compact, pad=False)
+    except NativeFormError as err:
+        return compact, {"form": "gisp-pruned", "why": f"{err} (loads with trust_remote_code=True)"}
+    why = "every layer has one shape, which the family's own config holds: loads with trust_remote_code=False"
+    return native, {"form": "native", "why": why}
