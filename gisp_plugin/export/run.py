@@ -54,16 +54,23 @@ def export_folder(source: str | Path, fmt_name: str, out: str | Path, options: E
     fmt, folder = check_request(source, fmt_name, out)
     model, _ = load_model(folder, device="cpu", dtype="float32")
     fmt.check(model, options)
+    return write_atomically(fmt, model, Path(folder), out, options)
+
+
+def write_atomically(fmt: ExportFormat, model, folder: Path, out: Path, options: ExportOptions) -> ExportReport:
+    """``fmt.write`` into a temporary name beside ``out``, renamed when complete; removed on any error or stop.
+
+    A folder format also gets ``export.json``: the report and the source folder's pruning record.
+    """
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
-        report = fmt.write(model, Path(folder), partial, options)
+        report = fmt.write(model, folder, partial, options)
         report.path = out
         if not fmt.single_file:
-            record = Path(folder) / "pruning.json"
+            record = folder / "pruning.json"
             source_record = json.loads(record.read_text()) if record.exists() else None
-            (partial / REPORT_FILE).write_text(
-                json.dumps({**report.record(), "source": str(folder), "pruning": source_record}, indent=1)
-            )
+            payload = {**report.record(), "source": str(folder), "pruning": source_record}
+            (partial / REPORT_FILE).write_text(json.dumps(payload, indent=1))
         partial.replace(out)
     except BaseException:
         if partial.is_dir():
