@@ -52,6 +52,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="also evaluate METHOD quantised with torchao, as its own rows (repeatable): gisp:int8wo, dense:int8dq",
     )
     parser.add_argument("--save-models", action="store_true", default=None, help="also save every compacted model")
+    parser.add_argument(
+        "--export",
+        default=None,
+        metavar="FORMAT",
+        help="with --save-models: also export every saved model (gguf, nemotron-nas, hf; comma-separated)",
+    )
     parser.add_argument("--out", type=Path, default=Path("results/compare"), help="results folder (reused on rerun)")
     parser.add_argument(  # also after the subcommand; SUPPRESS keeps `gisp -v compare` working
         "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show every log line and progress bar"
@@ -78,6 +84,7 @@ def build_config(args: argparse.Namespace) -> ComparisonConfig:
             "seed",
             "pad_to",
             "quantize",
+            "export",
         )
         if getattr(args, key) is not None
     }

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,7 @@ from gisp_plugin.deploy.size import weights_bytes
 from gisp_plugin.distributed.context import DistributedSetup, device_for, init_distributed, launch_setup, leave_distributed
 from gisp_plugin.distributed.sharded_loading import load_sharded_model
 from gisp_plugin.export.native import saved_form
-from gisp_plugin.export.run import default_out, export_folder, export_format
+from gisp_plugin.export.run import export_beside, export_format
 from gisp_plugin.inputs import InputError, check_attention, check_device, check_seqlen, context_limit, folder_context_limit
 from gisp_plugin.methods.api import MethodSpec
 from gisp_plugin.methods.options import options_to_dict, parse_assignments
@@ -100,22 +99,6 @@ def check_exportable(model: PreTrainedModel, names: list[str], args: argparse.Na
     """Each format's own check on the dense model (the family and its config decide), before any pruning."""
     for name in names:
         export_format(name).check(model, export_options(args))
-
-
-def export_beside(saved: Path, names: list[str], args: argparse.Namespace) -> list[str]:
-    """Export a just-saved folder in every ``--export`` format beside it (a stale export of a resumed run is replaced)."""
-    written = []
-    for name in names:
-        options = export_options(args)
-        out = default_out(saved, export_format(name), options)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        report = export_folder(saved, name, out, options)
-        log.info("%s", report.line())
-        written.append(out)
-    return written
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -365,7 +348,8 @@ def prune_into(
             line.update(folder=str(folder.final_path(saved)), sparsity=round(record.sparsity, 5), params=params)
             line["form"] = form["form"]
             if args.exports:
-                line["exports"] = [str(folder.final_path(path)) for path in export_beside(saved, args.exports, args)]
+                reports = export_beside(saved, args.exports, export_options(args))
+                line["exports"] = [str(folder.final_path(report.path)) for report in reports]
             line["weights_mib"] = round(weights_bytes(saved) / 2**20, 3)
             del compact
         line["elapsed_s"] = round(time.perf_counter() - started, 2)

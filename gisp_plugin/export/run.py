@@ -34,6 +34,21 @@ def default_out(source: Path, fmt: ExportFormat, options: ExportOptions) -> Path
     return source.with_name(f"{source.name}-{fmt.name}")
 
 
+def export_beside(saved: Path, names: list[str], options: ExportOptions) -> list[ExportReport]:
+    """Export a just-saved folder in every format named, beside it (``default_out``); a stale export of an
+    earlier run of the same folder is replaced."""
+    reports = []
+    for name in names:
+        out = default_out(saved, export_format(name), options)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        reports.append(export_folder(saved, name, out, options))
+        log.info("%s", reports[-1].line())
+    return reports
+
+
 def check_request(source: str | Path, fmt_name: str, out: Path) -> tuple[ExportFormat, str]:
     """The format and the source folder, or one clear error, before any model is loaded."""
     fmt = export_format(fmt_name)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import yaml
 
+from gisp_plugin.export.run import export_format
 from gisp_plugin.inputs import InputError, check_fraction_list, check_int, check_name_list, check_text
 from gisp_plugin.models.loading import DEFAULT_MODEL, parse_dtype
 from gisp_plugin.pruning import check_targets
@@ -60,6 +61,7 @@ class ComparisonConfig:
     save_models: bool = False
     pad_to: int | None = None  # None: 64 on CUDA, 1 (no padding) elsewhere
     quantize: list[str] = field(default_factory=list)  # METHOD:QUANT rows, e.g. gisp:int8wo, dense:int8wo
+    export: list[str] = field(default_factory=list)  # formats every saved model is also exported to (gguf, ...)
 
     def __post_init__(self) -> None:
         """Check every field's type and range (a config file may hold anything), normalising lists."""
@@ -99,6 +101,11 @@ class ComparisonConfig:
         parse_dtype(check_text("dtype", self.dtype))
         if not isinstance(self.save_models, bool):
             raise ConfigError(f"save_models must be true or false, got {self.save_models!r}")
+        self.export = check_name_list("export", [self.export] if isinstance(self.export, str) else self.export)
+        for name in self.export:
+            export_format(name)
+        if self.export and not self.save_models:
+            raise ConfigError("export writes beside the saved models: set save_models (--save-models) too")
 
     def identity(self) -> dict[str, Any]:
         return {

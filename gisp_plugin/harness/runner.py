@@ -43,6 +43,9 @@ from gisp_plugin.distributed.context import (
 )
 from gisp_plugin.distributed.data_parallel import from_main
 from gisp_plugin.evaluation.specs import EvalSpec, check_spec_inputs, parse_eval_specs, run_spec
+from gisp_plugin.export.api import ExportOptions
+from gisp_plugin.export.native import saved_form
+from gisp_plugin.export.run import export_beside
 from gisp_plugin.harness.cache import ResultCache
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
 from gisp_plugin.harness.memory import PeakMemory
@@ -303,8 +306,18 @@ class Comparison:
         )
         return subnetworks, cost
 
-    def save(self, method: str, subnetwork: Subnetwork, model, params: dict[str, int], choice: QuantChoice | None, row: Row):
-        """Save a compared model with its record and a model card holding its results."""
+    def save(
+        self,
+        method: str,
+        subnetwork: Subnetwork,
+        model,
+        params: dict[str, int],
+        choice: QuantChoice | None,
+        row: Row,
+        layers: list[dict],
+        form: dict[str, str],
+    ):
+        """Save a compared model with its record and a model card holding its results, and export it as asked."""
         record = pruning_record(
             self.config.model,
             method,
@@ -315,14 +328,18 @@ class Comparison:
             self.calibration().name if self._calibration else None,
             self.config.seed,
             self.distributed,
+            layers,
         )
         record.info["pad_to"] = self.pad_to
+        record.info["saved_form"] = form
         name = f"{method}-s{subnetwork.target:.2f}"
         if choice is not None:
             record.info["quantization"] = quantization_info(choice)
             name += f"-{choice.slug}"
         results = {f"gisp compare ({', '.join(self.config.evals)})": row.metrics}
-        save_pruned(model, self.tokenizer, self.out / "models" / name, record, results)
+        saved = save_pruned(model, self.tokenizer, self.out / "models" / name, record, results)
+        if self.config.export and choice is None:  # engines take their own quantisation (GGUF types), not torchao's
+            export_beside(saved, self.config.export, ExportOptions())
 
     def run(self, progress: ComparisonProgress | None = None) -> ComparisonResult | None:
         """Evaluate the dense model, then prune with every method and evaluate every subnetwork, each
@@ -368,6 +385,9 @@ class Comparison:
                     started = time.perf_counter()
                     compact, params = compact_subnetwork(self.model, subnetwork, self.pad_to)
                     sparsity = 1 - params["decoder"] / params["decoder_dense"]
+                    layers, form = compact.config.pruned_layers, None
+                    if self.config.save_models:  # evaluate what is saved: the family's own model where it is exact
+                        compact, form = saved_form(compact)
                     for choice, model in self.variants(method, compact):
                         key = {
                             **self.prune_key(method),
@@ -380,7 +400,7 @@ class Comparison:
                         progress.row_done(row_line(rows[-1], time.perf_counter() - started, cached))
                         started = time.perf_counter()
                         if self.config.save_models:
-                            self.save(method, subnetwork, model, params, choice, rows[-1])
+                            self.save(method, subnetwork, model, params, choice, rows[-1], layers, form)
                         del model
                     del compact
         finally:

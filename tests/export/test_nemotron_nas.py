@@ -31,8 +31,8 @@ def converter(tmp_path_factory):
     return engines.extract_converter(tmp_path_factory.mktemp("llama.cpp"))
 
 
-def _pruned(tmp_path, flap_biases: bool = False):
-    model = tiny_model("llama", layers=4, **SHAPE)
+def _pruned(tmp_path, flap_biases: bool = False, family: str = "llama"):
+    model = tiny_model(family, layers=4, **SHAPE, **({"head_dim": 16} if family == "mistral" else {}))
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
     keep = random_keep(anatomy, seed=2, p_keep=0.5, empty_layer=2, empty_kind="mlp_channel")
@@ -44,9 +44,11 @@ def _pruned(tmp_path, flap_biases: bool = False):
     return folder
 
 
-@pytest.mark.parametrize("flap_biases", [False, True])
-def test_llama_cpp_converter_reads_the_folder_and_runs_it_exactly(tmp_path, converter, flap_biases):
-    folder = _pruned(tmp_path, flap_biases)
+@pytest.mark.parametrize(
+    ("family", "flap_biases"), [("llama", False), ("llama", True), ("mistral", False), ("qwen2", False), ("phi3", True)]
+)
+def test_llama_cpp_converter_reads_the_folder_and_runs_it_exactly(tmp_path, converter, family, flap_biases):
+    folder = _pruned(tmp_path, flap_biases, family)
     out = tmp_path / "nas"
     report = export_folder(folder, "nemotron-nas", out)
     config = json.loads((out / "config.json").read_text())
@@ -54,7 +56,7 @@ def test_llama_cpp_converter_reads_the_folder_and_runs_it_exactly(tmp_path, conv
     assert config["architectures"] == ["DeciLMForCausalLM"] and len(blocks) == 4
     assert blocks[1]["attention"]["no_op"] and not blocks[1]["ffn"]["no_op"]
     assert not blocks[2]["ffn"]["no_op"]  # attention then no MLP: kept as 256 zero channels for llama.cpp's graph
-    assert config["mlp_bias"] is flap_biases
+    assert config["mlp_bias"] is flap_biases and config["attention_bias"] is (family == "qwen2")
     assert report.executed_params > report.compacted_params
     converted = engines.convert(converter, out, tmp_path / "nas.gguf")
     assert converted.returncode == 0, converted.stderr[-2000:]
