@@ -128,3 +128,24 @@ def test_compare_runs_shortgpt_and_rebuilds_its_removed_layers_from_the_cache(se
     assert all(cost.cached for cost in again.costs)
     rebuilt = next(row for row in again.rows if row.method == "shortgpt")
     assert rebuilt.sparsity == pruned.sparsity and rebuilt.metrics[f"ppl[file:{text}@16]"] > 1
+
+
+def test_saved_models_are_exported_and_saved_in_the_form_that_holds_them(setup, tmp_path):
+    """ShortGPT's layer removal leaves one shape: the family's own folder; magnitude's ranking does not."""
+    _, model_dir, text = setup
+    out = tmp_path / "results"
+    config = _config(model_dir, text, methods=["shortgpt", "magnitude"], method_options={}, sparsities=[0.3])
+    config = ComparisonConfig.from_mapping({**config.to_json(), "save_models": True, "export": ["gguf"]})
+    run_comparison(config, out)
+    forms = {}
+    for method in ("shortgpt", "magnitude"):
+        folder = out / "models" / f"{method}-s0.30"
+        forms[method] = json.loads((folder / "pruning.json").read_text())["info"]["saved_form"]["form"]
+        assert (out / "models" / f"{method}-s0.30-f32.gguf").stat().st_size > 0
+    assert forms == {"shortgpt": "native", "magnitude": "gisp-pruned"}
+
+
+def test_export_without_saved_models_is_refused(setup):
+    _, model_dir, text = setup
+    with pytest.raises(ConfigError, match="set save_models"):
+        _config(model_dir, text, export=["gguf"])
