@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         row["prefill_speedup_over_bound"] = row["prefill_speedup"] / bound
         print(
             f"| {row['model']} | {row.get('sparsity', 0.0):.1%} | {row['ppl_project']:.3f} | {row['ppl_llama_cpp']:.3f} "
-            f"| {row['ppl_relative_difference']:.1e} | {row['prefill_tok_s']:.0f} | {row['prefill_speedup']:.2f} "
-            f"| {row['prefill_speedup_over_bound']:.2f} | {row['decode_tok_s']:.0f} | {row['decode_speedup']:.2f} "
+            f"| {row['ppl_relative_difference']:.1e} | {row['prefill_tok_s']:.1f} | {row['prefill_speedup']:.2f} "
+            f"| {row['prefill_speedup_over_bound']:.2f} | {row['decode_tok_s']:.1f} | {row['decode_speedup']:.2f} "
             f"| {row['gguf_mib']:.1f} |"
         )
     if args.json:

@@ -92,6 +92,11 @@ def check_exports(args: argparse.Namespace) -> list[str]:
     for name in names:
         export_format(name)
     export_options(args)
+    if names and args.quantize:
+        raise InputError(
+            "--export reads unquantised weights and engines quantise their own way: drop --quantize, "
+            "and use --type q8_0 (or f16/bf16) for a smaller GGUF"
+        )
     return names
 
 

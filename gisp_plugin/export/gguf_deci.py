@@ -242,7 +242,7 @@ def write_deci(model: PreTrainedModel, tokenizer_folder: Path, out: Path, option
             executed += tensor.numel()
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_tensors_to_file(progress=True)
     writer.close()
     window = sliding_window(config)
     exact = "exact" + (f" up to its sliding window of {window} tokens (the declared context)" if window else "")
