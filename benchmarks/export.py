@@ -35,6 +35,7 @@ from gisp_plugin.checkpoint.saving import PruningRecord, count_params, save_prun
 from gisp_plugin.data.api import CalibrationRequest
 from gisp_plugin.data.loading import load_calibration
 from gisp_plugin.evaluation.perplexity import evaluation_text, ppl_with_stderr, text_windows, window_nlls
+from gisp_plugin.export.api import ExportOptions
 from gisp_plugin.export.native import saved_form
 from gisp_plugin.export.run import export_folder
 from gisp_plugin.models.loading import load_model
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help="methods (default gisp,wanda_sp,shortgpt; gisp with steps=4)")
     p.add_argument("--targets", default="0.2,0.4", help="sparsity targets (default 0.2,0.4)")
     p.add_argument("--shapes", default="free", help="allocation shapes, e.g. free,even-groups (default free)")
+    p.add_argument(
+        "--groupings", default="auto", help="ways to even uneven key/value groups, each exported and measured (default auto)"
+    )
     p.add_argument("--calibration", default="lambada-novels", help="calibration source (default lambada-novels)")
     p.add_argument("--n-samples", type=int, default=16, help="calibration sequences (default 16)")
     p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration and evaluation window (default 128)")
@@ -108,11 +112,21 @@ def matrix_params(report, model) -> int:
     return report.executed_params + model.get_output_embeddings().weight.numel()
 
 
-def measure(name: str, model, tokenizer, record, windows, args, work: Path) -> dict:
+def measure(name: str, model, tokenizer, record, windows, args, work: Path) -> list[dict]:
+    """One row per grouping (one only where every layer's groups are already even, so the file is the same)."""
     folder = save_pruned(model, tokenizer, work / name, record)
-    report = export_folder(folder, "gguf", work / f"{name}.gguf")
     nlls = window_nlls(model, windows)
     ppl, _, stderr = ppl_with_stderr(nlls, windows.shape[1] - 1)
+    rows = []
+    for grouping in args.groupings.split(","):
+        report = export_folder(folder, "gguf", work / f"{name}-{grouping}.gguf", ExportOptions(grouping=grouping))
+        rows.append(_llama_row(f"{name} ({grouping})", report, model, ppl, stderr, record, windows, args))
+        if not any("uneven" in note for note in report.padding):
+            break
+    return rows
+
+
+def _llama_row(name: str, report, model, ppl: float, stderr: float, record, windows, args) -> dict:
     llama_ppl, llama_stderr = llama_perplexity(report.path, windows, args.threads)
     prefill, decode = llama_speed(report.path, args.prefill, args.decode, args.repeats, args.threads)
     row = {
@@ -166,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         counts = {**dense_params, "decoder_dense": dense_params["decoder"], "total_dense": dense_params["total"]}
         dense_record = PruningRecord(args.model, "dense", {}, 0.0, 0.0, counts, [], {})
-        rows.append(measure("dense", model, tokenizer, dense_record, windows, args, work))
+        rows += measure("dense", model, tokenizer, dense_record, windows, args, work)
         for shape in shapes:
             for method in args.methods.split(","):
                 options = METHODS.get(method, {})
@@ -176,10 +190,10 @@ def main(argv: list[str] | None = None) -> None:
                     compact, form = saved_form(compact)
                     record = _record(args, method, options, subnetwork, compact, params, form)
                     name = f"{method}-{shape}-s{subnetwork.target:.2f}"
-                    row = measure(name, compact, tokenizer, record, windows, args, work)
-                    rows.append(
-                        {**row, "method": method, "shape": shape, "target": subnetwork.target, "sparsity": record.sparsity}
-                    )
+                    for row in measure(name, compact, tokenizer, record, windows, args, work):
+                        rows.append(
+                            {**row, "method": method, "shape": shape, "target": subnetwork.target, "sparsity": record.sparsity}
+                        )
     dense = rows[0]
     print(f"{args.model}: llama.cpp (llama-cpp-python, {args.threads} threads, f32 GGUF) vs the project's evaluator")
     print(
