@@ -282,6 +282,7 @@ class Comparison:
                 calibration,
                 self.config.seed,
                 work_dir=self.out / "work" / method,
+                shape=self.config.shape,
             ):
                 subnetworks.append(subnetwork)
                 times.append(subnetwork.elapsed_s)  # the method's own time, with steps finished before a resume
@@ -315,6 +316,7 @@ class Comparison:
             self.calibration().name if self._calibration else None,
             self.config.seed,
             self.distributed,
+            self.config.shape,
         )
         record.info["pad_to"] = self.pad_to
         name = f"{method}-s{subnetwork.target:.2f}"

@@ -368,7 +368,8 @@ def cut_to(anatomy: ModelAnatomy, ranked: Scores, sparsity: float, groups: Group
 
 def run_fingerprint(job: PruningJob) -> str:
     """A hash of everything a step's result depends on: weights, options (schedule included),
-    calibration data, targets, seed. The cuts follow from these (an adaptive schedule's from the losses)."""
+    calibration data, targets, seed, the run's shape constraint (``job.anatomy.shape``). The cuts follow
+    from these (an adaptive schedule's from the losses)."""
     digest = hashlib.sha256()
     for path in weight_paths(job.anatomy, include_dependents=True):
         tensor = weight_tensor(job.model, path).detach()
@@ -385,6 +386,7 @@ def run_fingerprint(job: PruningJob) -> str:
         "targets": list(job.targets),
         "seed": job.seed,
         "dtype": str(next(job.model.parameters()).dtype),
+        "shape": job.anatomy.shape,
     }
     digest.update(json.dumps(meta, sort_keys=True).encode())
     return digest.hexdigest()
