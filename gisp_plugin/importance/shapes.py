@@ -42,8 +42,11 @@ entries of the model are sorted once (ties by position). The cut takes them in t
 over an entry that would overshoot the target by more than half the smallest unit, blocking the rest of
 its chain; the smaller entries after it fill the gap, so targets are met to within about one unit even
 when a ``uniform`` entry removes a head from every layer at once. Units a previous cut pruned score
-lowest (GISP's iterative steps, ``cut_at_every_target``), their moves come first, and every cut contains
-the previous one: nested methods stay nested.
+lowest (GISP's iterative steps, ``cut_at_every_target``), their moves come first, and since a cut never
+passes its target by more than that half unit, the next (larger) target takes all of them: every cut
+contains the previous one, and nested methods stay nested. The price: when only coarse entries are left
+(every MLP channel gone, or ``blocks=attention``), the cut stops short of the target rather than overshoot
+it, and the pruning loop warns.
 
 Per-layer allocators (a fraction of every layer's units): the fraction gives a number of units to prune,
 and the constraint rounds it to the nearest state on a fixed path of moves (the move removing fewer
