@@ -61,6 +61,7 @@ is refused with the option that lets it prune every layer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -180,7 +181,9 @@ class Chain:
     """Tied (layer, kind) pairs moving together from the dense state, over *atoms*: the method's ranked
     entries (single units, or groups such as whole key/value groups or experts), each inside one cell.
 
-    ``live[p]`` maps each live cell of part ``p`` to its live atoms, lowest score first.
+    ``live[p]`` maps each live cell of part ``p`` to its live atoms, lowest score first; ``owner[p]`` gives
+    each atom's cell, ``totals[p]`` each live cell's (sum of finite scores, count of infinite ones), so that
+    a move costs the number of live cells, not of live atoms (routed experts hold thousands).
     """
 
     keys: list[Key]
@@ -188,10 +191,12 @@ class Chain:
     scores: list[list[float]]
     narrowable: bool
     live: list[dict[int, list[int]]] = field(default_factory=list)
+    owner: list[list[int]] = field(default_factory=list)
+    totals: list[dict[int, list[float]]] = field(default_factory=list)
 
     @classmethod
     def build(cls, anatomy: ModelAnatomy, keys: list[Key], scores: dict[Key, torch.Tensor], groups: dict) -> Chain:
-        atoms, values, live = [], [], []
+        atoms, values, live, owner, totals = [], [], [], [], []
         narrowable = anatomy.shape in ("even-groups", "uniform")
         for key in keys:
             kind = anatomy.kind(*key)
@@ -202,16 +207,25 @@ class Chain:
             cells = cells_of(kind, anatomy.shape)
             cell_of = {u: c for c, cell in enumerate(cells) for u in cell} if cells is not None else None
             by_cell: dict[int, list[int]] = {}
+            cell_index = []
             for a, units in enumerate(members):
                 owners = {cell_of[u] for u in units} if cell_of is not None else {a}
                 if len(owners) != 1:
                     raise ShapeError(f"{key}: a ranked group spans several key/value groups or experts; shape cannot tie it")
-                by_cell.setdefault(owners.pop(), []).append(a)
+                cell_index.append(owners.pop())
+                by_cell.setdefault(cell_index[-1], []).append(a)
             narrowable = narrowable and cells is not None and all(len(m) == 1 for m in members)
             live.append({c: sorted(m, key=lambda a: (score[a], a)) for c, m in by_cell.items()})
+            totals.append(
+                {
+                    c: [sum(score[a] for a in m if math.isfinite(score[a])), sum(1 for a in m if math.isinf(score[a]))]
+                    for c, m in by_cell.items()
+                }
+            )
+            owner.append(cell_index)
             atoms.append(members)
             values.append(score)
-        return cls(keys, atoms, values, narrowable, live)
+        return cls(keys, atoms, values, narrowable, live, owner, totals)
 
     @property
     def state(self) -> tuple[int, int]:
@@ -231,8 +245,8 @@ class Chain:
         if not self.state[0]:
             return None
         out = []
-        for part, score in zip(self.live, self.scores, strict=True):
-            cell = min(part, key=lambda c: (sum(score[a] for a in part[c]) / len(part[c]), c))
+        for part, totals in zip(self.live, self.totals, strict=True):
+            cell = min(part, key=lambda c: (math.inf if totals[c][1] else totals[c][0] / len(part[c]), c))
             out.append(list(part[cell]))
         return out
 
@@ -244,12 +258,17 @@ class Chain:
         """Remove the atoms of ``removal``; returns the units removed, per part."""
         units = []
         for p, atoms in enumerate(removal):
-            part = self.live[p]
+            part, totals = self.live[p], self.totals[p]
             for a in atoms:
-                cell = next(c for c, members in part.items() if a in members)
+                cell = self.owner[p][a]
                 part[cell].remove(a)
+                value = self.scores[p][a]
+                if math.isinf(value):
+                    totals[cell][1] -= 1
+                else:
+                    totals[cell][0] -= value
                 if not part[cell]:
-                    del part[cell]
+                    del part[cell], totals[cell]
             units.append([u for a in atoms for u in self.atoms[p][a]])
         return units
 
@@ -279,7 +298,6 @@ class Chain:
     def along_path(self, n_prune: int) -> list[list[int]]:
         """The units removed on the fixed path (fewer atoms first: narrow when ``m <= k``) at the state
         whose pruned atoms are closest to ``n_prune`` (ties: fewer pruned), per part."""
-        total = sum(len(members) for members in self.live[0].values())
         path: list[str] = []
         m, k = self.state
         pruned, best, best_len = 0, n_prune, 0
@@ -290,7 +308,6 @@ class Chain:
             m, k = (m, k - 1) if narrow else (m - 1, k)
             if abs(pruned - n_prune) < best:
                 best, best_len = abs(pruned - n_prune), len(path)
-        assert pruned == total
         removed: list[list[int]] = [[] for _ in self.keys]
         for step in path[:best_len]:
             for p, units in enumerate(self.apply(self.narrow() if step == "narrow" else self.drop())):
