@@ -25,6 +25,7 @@ from gisp_plugin.importance.allocation import UnreachableTargetError, prune_lowe
 from gisp_plugin.importance.shapes import ShapeError, violation
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.methods.gisp import GispOptions, normalize_scores, ranking_scores, step_scores
+from gisp_plugin.methods.global_ranking import previous_first
 from gisp_plugin.plugins.manager import lookup
 from gisp_plugin.pruning import TARGET_SLACK, compact_subnetwork, run_method
 from tests.baselines.independent import calibration_ids
@@ -281,3 +282,20 @@ def test_uniform_names_the_option_that_lets_a_method_prune_every_layer(calibrati
         list(run_method(model, None, "llm_pruner", [0.2], {"layer_start": 1, "layer_end": 3}, calibration, shape="uniform"))
     with pytest.raises(UnreachableTargetError, match="protect=none"):  # gisp's reference protection on 3 layers
         list(run_method(model, None, "gisp", [0.2], {"steps": 1}, calibration, shape="uniform"))
+
+
+def test_cuts_from_the_previous_one_stay_nested_under_uniform():
+    # Under uniform a move of heads spans every layer; the cut passes over it while it overshoots and
+    # fills with MLP channels, then takes it at a larger target: a fixed ranking cut afresh would give
+    # back channels. Ranking the previous cut's units first (cut_at_every_target) keeps every cut nested.
+    model = tiny_model("qwen2", intermediate_size=24)
+    anatomy = dataclasses.replace(adapter_for(model).anatomy(model), shape="uniform")
+    generator = torch.Generator().manual_seed(3)
+    scores = {key: torch.rand(anatomy.kind(*key).count, generator=generator, dtype=torch.float64) for key in anatomy.units()}
+    keep = None
+    for target in torch.arange(0.05, 0.6, 0.01).tolist():
+        ranked = scores if keep is None else previous_first(scores, keep)
+        cut = prune_lowest_globally(anatomy, ranked, target)
+        assert keep is None or cut.is_subset_of(keep), target
+        assert violation(anatomy, cut, "uniform") is None
+        keep = cut
