@@ -42,7 +42,7 @@ Options from the reference (``pruners/grad_sp_global.py``) and where we differ:
 - ``schedule``: see ``gisp_schedules`` (the reference's first step prunes nothing; ours cut at every step).
 
 Every cut is recorded in ``job.trajectory``. With a ``work_dir``, the state after every finished step
-is written atomically to ``gisp-state.json``; a rerun with the same model, options, calibration data,
+is written atomically to ``gisp-state.json``; a rerun with the same model, options, shape, calibration data,
 targets and seed resumes from the last finished step and gives identical results (under ``torchrun``
 rank 0 alone reads and writes the state; every rank resumes from what rank 0 read). A state from a
 different run is ignored (with a warning) and overwritten. Every step records ``elapsed_s``, the GISP
