@@ -7,6 +7,7 @@ gives the dense model back untouched however the run ends.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from gisp_plugin.distributed.context import DistributedSetup
 from gisp_plugin.distributed.fsdp import is_sharded
 from gisp_plugin.distributed.sharded_compaction import compact_sharded
 from gisp_plugin.finite import check_finite_tensors, check_finite_weights
+from gisp_plugin.importance.shapes import check_shape, violation
 from gisp_plugin.inputs import check_int, check_seqlen, context_limit
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.methods.api import MethodSpec, PruningJob, Subnetwork
@@ -83,9 +85,11 @@ def check_run(
     targets: Sequence[float],
     options: dict[str, Any] | None = None,
     calibration: CalibrationSet | CalibrationRequest | None = None,
+    shape: str = "free",
 ) -> CheckedRun:
-    """Every check a run needs the model for, done before any work: method and options, targets
-    within the method's reach, calibration that fits the model's context, finite weights.
+    """Every check a run needs the model for, done before any work: method and options, shape, targets
+    within the method's reach, calibration that fits the model's context, finite weights. The checked
+    anatomy carries ``shape``, which the shared allocators read (``gisp_plugin.importance.shapes``).
 
     Callers that write files (``gisp prune``) call it before claiming their folder; ``run_method``
     calls it again, so the Python API gets the same checks.
@@ -95,8 +99,9 @@ def check_run(
             f"run_method needs a transformers model (load one with gisp_plugin.load_model), got {type(model).__name__}"
         )
     spec, parsed = resolve_method(method, options)
+    check_shape(shape)
     adapter = adapter_for(model)
-    anatomy = adapter.anatomy(model)
+    anatomy = dataclasses.replace(adapter.anatomy(model), shape=shape)
     reachable = spec.max_sparsity(anatomy, parsed) if spec.max_sparsity else anatomy.max_sparsity()
     checked = check_targets(targets, reachable)
     if spec.calibration is not None:
@@ -117,6 +122,7 @@ def run_method(
     seed: int = 0,
     work_dir: Path | None = None,
     trajectory: Trajectory | None = None,
+    shape: str = "free",
 ) -> Iterator[Subnetwork]:
     """Prune ``model`` with ``method`` to every target, yielding subnetworks in ascending order.
 
@@ -124,10 +130,13 @@ def run_method(
     set (shared between methods) or a request; ``None`` uses the method's reference default.
     ``trajectory`` (nested methods) is filled step by step. Every subnetwork carries ``elapsed_s``,
     the method's own time to reach it (a resumed method counts its earlier, interrupted work too).
-    A non-finite weight, score or bias stops the run with ``NonFiniteError``.
+    A non-finite weight, score or bias stops the run with ``NonFiniteError``. ``shape`` constrains the
+    allocation (``free``, ``even-groups``, ``kv-groups``, ``uniform``; ``gisp_plugin.importance.shapes``); a
+    subnetwork outside it stops the run.
     """
     check_int("seed", seed, 0)
-    run = check_run(model, method, targets, options, calibration)
+    check_shape(shape)
+    run = check_run(model, method, targets, options, calibration, shape)
     spec, parsed, anatomy, targets = run.spec, run.options, run.anatomy, run.targets
 
     calibration_set = None
@@ -154,6 +163,7 @@ def run_method(
         work_dir=work_dir,
         trajectory=trajectory if trajectory is not None else Trajectory(),
     )
+    job.trajectory.shape = shape
     try:
         expected = list(targets)
         working = 0.0  # seconds spent inside the method (not in the consumer between subnetworks)
@@ -167,6 +177,12 @@ def run_method(
             if not expected or subnetwork.target != expected[0]:
                 raise RuntimeError(f"method {method!r} yielded target {subnetwork.target}, expected {expected[:1]}")
             expected.pop(0)
+            outside = violation(anatomy, subnetwork.keep, shape)
+            if outside is not None:
+                raise RuntimeError(
+                    f"method {method!r} decided a subnetwork outside shape {shape} ({outside}): "
+                    "its allocation bypasses the shared allocators of gisp_plugin.importance"
+                )
             if abs(subnetwork.sparsity - subnetwork.target) > TARGET_SLACK:
                 log.warning("%s reached sparsity %.4f for target %.4f", method, subnetwork.sparsity, subnetwork.target)
             check_finite_tensors(subnetwork.extra_biases, f"{method} at target {subnetwork.target}: compensation bias")
@@ -216,10 +232,12 @@ def pruning_record(
     seed: int,
     distributed: DistributedSetup | None = None,
     layers: list[dict] | None = None,
+    shape: str = "free",
 ) -> PruningRecord:
     """The record saved beside a compacted model (sparsity here counts the real tensors); ``distributed``
     is the setup that pruned it (default: one process); ``layers`` are the per-layer shapes (default: the
-    compacted model's ``config.pruned_layers``, given when the model saved is the family's own)."""
+    compacted model's ``config.pruned_layers``, given when the model saved is the family's own); ``shape``
+    the constraint it was pruned under."""
     return PruningRecord(
         base_model=base_model,
         method=method,
@@ -233,4 +251,5 @@ def pruning_record(
         seed=seed,
         info={"structural_sparsity": subnetwork.sparsity, **subnetwork.info},
         distributed=(distributed or DistributedSetup()).record(),
+        shape=shape,
     )

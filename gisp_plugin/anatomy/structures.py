@@ -168,12 +168,14 @@ class ModelAnatomy:
     """Every decoder layer's prunable structures, with exact parameter accounting.
 
     Sparsity follows the paper: ``1 - params left in the decoder layers / dense decoder params``;
-    embeddings and the LM head are not counted.
+    embeddings and the LM head are not counted. ``shape`` is the run's shape constraint (``free``, or one
+    of ``gisp_plugin.importance.shapes.SHAPES``), which the shared allocators read.
     """
 
     adapter: str
     layers: tuple[LayerAnatomy, ...]
     kind_names: tuple[str, ...] = field(default=("attn_head", "mlp_channel"))
+    shape: str = "free"
 
     @property
     def dense_params(self) -> int:

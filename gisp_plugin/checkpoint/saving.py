@@ -52,6 +52,7 @@ class PruningRecord:
     seed: int = 0
     info: dict[str, Any] = field(default_factory=dict)
     distributed: dict[str, Any] = field(default_factory=lambda: DistributedSetup().record())  # world_size, backend, fsdp
+    shape: str = "free"  # the shape constraint it was pruned under (gisp_plugin.importance.shapes)
     format: str = RECORD_FORMAT
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
     gisp_plugin_version: str = field(default_factory=lambda: gisp_plugin.__version__)

@@ -25,10 +25,12 @@ class NotNestedError(ValueError):
 
 @dataclass
 class Trajectory:
-    """Steps of a nested run (sparsity and method info per step) and each unit's pruning step."""
+    """Steps of a nested run (sparsity and method info per step), each unit's pruning step, and the shape
+    constraint the run pruned under (``gisp_plugin.importance.shapes``)."""
 
     steps: list[dict[str, Any]] = field(default_factory=list)
     pruned_at: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    shape: str = "free"
 
     def record(self, keep: KeepMask, sparsity: float, **info: Any) -> int:
         """Add the next step; ``keep`` must be nested in the previous step's subnetwork."""
@@ -56,7 +58,7 @@ class Trajectory:
         layers: dict[str, dict[str, list[int]]] = {}
         for (layer, kind), at in sorted(self.pruned_at.items()):
             layers.setdefault(str(layer), {})[kind] = at.tolist()
-        return {"format": "gisp-trajectory/1", "never": NEVER, "steps": self.steps, "pruned_at": layers}
+        return {"format": "gisp-trajectory/1", "never": NEVER, "shape": self.shape, "steps": self.steps, "pruned_at": layers}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], anatomy: ModelAnatomy | None = None) -> Trajectory:
@@ -72,7 +74,7 @@ class Trajectory:
             expected = {key: flags.shape for key, flags in KeepMask.dense(anatomy, layers).flags.items()}
             if expected != {key: at.shape for key, at in pruned_at.items()}:
                 raise ValueError("trajectory does not match this model's structures")
-        return cls(list(data["steps"]), pruned_at)
+        return cls(list(data["steps"]), pruned_at, data.get("shape", "free"))
 
     def save(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from gisp_plugin.cli.arguments import int_at_least
+from gisp_plugin.cli.arguments import add_shape_argument, int_at_least
 from gisp_plugin.cli.console import quiet_libraries
 from gisp_plugin.distributed.context import is_main_process
 from gisp_plugin.harness.config import ComparisonConfig, ConfigError
@@ -51,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         help="also evaluate METHOD quantised with torchao, as its own rows (repeatable): gisp:int8wo, dense:int8dq",
     )
+    add_shape_argument(parser, default=None)
     parser.add_argument("--save-models", action="store_true", default=None, help="also save every compacted model")
     parser.add_argument(
         "--export",
@@ -85,6 +86,7 @@ def build_config(args: argparse.Namespace) -> ComparisonConfig:
             "pad_to",
             "quantize",
             "export",
+            "shape",
         )
         if getattr(args, key) is not None
     }

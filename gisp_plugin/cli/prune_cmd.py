@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 from gisp_plugin.checkpoint.run_folder import RunFolder, open_run_folder
 from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.checkpoint.trajectory import Trajectory
-from gisp_plugin.cli.arguments import int_at_least, parse_sparsities
+from gisp_plugin.cli.arguments import add_shape_argument, int_at_least, parse_sparsities
 from gisp_plugin.cli.export_cmd import add_export_options, export_options
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
 from gisp_plugin.data.loading import data_source, load_calibration
@@ -113,6 +113,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--sparsity", required=True, type=parse_sparsities, help="targets, e.g. 0.2,0.3,0.5")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--option", "-o", action="append", default=[], help="method option name=value (repeatable)")
+    add_shape_argument(parser)
     add_calibration_arguments(parser)
     parser.add_argument(
         "--pad-to",
@@ -191,7 +192,7 @@ def run_request(args: argparse.Namespace, parsed, targets, request: CalibrationR
         "recover_steps": args.recover_steps,
         "recovery_data": recovery.label if recovery else None,
         "export": args.export,
-    }
+    } | ({"shape": args.shape} if args.shape != "free" else {})  # free runs resume from folders written before shapes
 
 
 def check_inputs(args: argparse.Namespace) -> tuple:
@@ -258,7 +259,7 @@ def load_for_job(args: argparse.Namespace) -> tuple[PreTrainedModel, Any, Distri
 def run(args: argparse.Namespace) -> int:
     options, spec, parsed, targets, request, recovery, quantization, folder = check_inputs(args)  # before loading anything
     model, tokenizer, sharded = load_for_job(args)
-    check_run(model, args.method, targets, options, request)  # reach of the targets, context, finite weights
+    check_run(model, args.method, targets, options, request, args.shape)  # reach of the targets, context, finite weights
     check_exportable(model, args.exports, args)
     if recovery is not None:
         check_seqlen("recovery", recovery.seqlen, context_limit(model.config), args.model)
@@ -307,7 +308,9 @@ def prune_into(
     trajectory = Trajectory()
     summary = []
     started = time.perf_counter()
-    subnetworks = run_method(model, tokenizer, args.method, targets, options, request, args.seed, out / ".work", trajectory)
+    subnetworks = run_method(
+        model, tokenizer, args.method, targets, options, request, args.seed, out / ".work", trajectory, args.shape
+    )
     if setup.enabled:
         subnetworks = list(subnetworks)  # keep masks and biases: small; the collective work ends here
         if setup.fsdp and not args.trajectory_only:
@@ -343,6 +346,7 @@ def prune_into(
                 args.seed,
                 setup,
                 layers,
+                args.shape,
             )
             record.info["pad_to"] = args.pad_to
             record.info["saved_form"] = form

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from gisp_plugin.export.run import export_format
+from gisp_plugin.importance.shapes import check_shape
 from gisp_plugin.inputs import InputError, check_fraction_list, check_int, check_name_list, check_text
 from gisp_plugin.models.loading import DEFAULT_MODEL, parse_dtype
 from gisp_plugin.pruning import check_targets
@@ -62,6 +63,7 @@ class ComparisonConfig:
     pad_to: int | None = None  # None: 64 on CUDA, 1 (no padding) elsewhere
     quantize: list[str] = field(default_factory=list)  # METHOD:QUANT rows, e.g. gisp:int8wo, dense:int8wo
     export: list[str] = field(default_factory=list)  # formats every saved model is also exported to (gguf, ...)
+    shape: str = "free"  # shape constraint of every method's allocation (gisp_plugin.importance.shapes)
 
     def __post_init__(self) -> None:
         """Check every field's type and range (a config file may hold anything), normalising lists."""
@@ -99,6 +101,7 @@ class ComparisonConfig:
         except (RuntimeError, TypeError):
             raise ConfigError(f"unknown device {self.device!r}; give cpu, cuda, cuda:N or mps") from None
         parse_dtype(check_text("dtype", self.dtype))
+        check_shape(self.shape)
         if not isinstance(self.save_models, bool):
             raise ConfigError(f"save_models must be true or false, got {self.save_models!r}")
         self.export = check_name_list("export", [self.export] if isinstance(self.export, str) else self.export)
@@ -115,7 +118,7 @@ class ComparisonConfig:
             "calibration": self.calibration,
             "n_samples": self.n_samples,
             "seqlen": self.seqlen,
-        }
+        } | ({"shape": self.shape} if self.shape != "free" else {})  # folders written before shapes stay valid
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

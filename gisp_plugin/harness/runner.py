@@ -285,6 +285,7 @@ class Comparison:
                 calibration,
                 self.config.seed,
                 work_dir=self.out / "work" / method,
+                shape=self.config.shape,
             ):
                 subnetworks.append(subnetwork)
                 times.append(subnetwork.elapsed_s)  # the method's own time, with steps finished before a resume
@@ -329,6 +330,7 @@ class Comparison:
             self.config.seed,
             self.distributed,
             layers,
+            self.config.shape,
         )
         record.info["pad_to"] = self.pad_to
         record.info["saved_form"] = form

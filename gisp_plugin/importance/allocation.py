@@ -5,16 +5,20 @@ Scores are a dict ``(layer, kind) -> float tensor [units]``; a unit scored ``+in
 a NaN or ``-inf`` score stops the run (``NonFiniteError``): no method's decision rests on one.
 Both allocators count parameters exactly as the anatomy does, including key/value heads that go
 when the last query head reading them goes, so targets mean the paper's parameter sparsity.
+Under a shape constraint (``anatomy.shape``, ``shapes.py``) the global ranking ranks the moves the
+shape admits instead of single units (``prune_lowest_constrained``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
 from gisp_plugin.finite import check_scores
+from gisp_plugin.importance.shapes import Chain, Key, check_uniform_cover, protected_hint, tied_kinds
 
 Scores = dict[tuple[int, str], torch.Tensor]
 
@@ -48,8 +52,11 @@ def prune_lowest_globally(anatomy: ModelAnatomy, scores: Scores, target: float, 
 
     ``groups`` (optional) ranks the units of some kinds together: for such a kind, ``scores`` holds one
     score per group (a whole expert, a key/value group) and a group's units go all at once.
-    Ties are broken by position (layer, kind, index), so the decision is deterministic.
+    Ties are broken by position (layer, kind, index), so the decision is deterministic. Under a shape
+    constraint (``anatomy.shape``) this is ``prune_lowest_constrained``.
     """
+    if anatomy.shape != "free":
+        return prune_lowest_constrained(anatomy, scores, target, groups)
     check_scores(scores)
     groups = groups or {}
     keys = sorted(scores)
@@ -92,6 +99,72 @@ def prune_lowest_globally(anatomy: ModelAnatomy, scores: Scores, target: float, 
     keep_flat = torch.ones(unit_offsets[-1], dtype=torch.bool)
     keep_flat[unit_order[: int(sizes[:count].sum())]] = False
     return KeepMask({key: keep_flat[a:b] for key, a, b in zip(keys, unit_offsets[:-1], unit_offsets[1:], strict=True)})
+
+
+def prune_lowest_constrained(anatomy: ModelAnatomy, scores: Scores, target: float, groups: Groups | None = None) -> KeepMask:
+    """One global ranking of the moves ``anatomy.shape`` admits, cut at ``target`` (see ``shapes.py``).
+
+    Each chain of moves (a layer's kind, or under ``uniform`` one kind in every layer) gives entries
+    ranked by the running maximum of their mean unit scores; the cut takes entries in rank order and
+    passes over one that would overshoot the target by more than half the smallest unit (and the rest
+    of its chain), so the smaller entries after it fill the gap.
+    """
+    check_scores(scores)
+    keys = sorted(scores)
+    check_uniform_cover(anatomy, keys)
+    entries = []  # (rank key, position, chain, tied keys, units removed per key, parameters freed)
+    for chain_index, tied in enumerate(tied_kinds(anatomy, keys)):
+        moves = Chain.build(anatomy, tied, scores, groups or {}).greedy()
+        running = -math.inf
+        for (mean, units), freed in zip(moves, _freed_by_moves(anatomy, tied, [u for _, u in moves]), strict=True):
+            running = max(running, mean)
+            entries.append((running, len(entries), chain_index, tied, units, freed))
+    entries.sort(key=lambda entry: entry[:2])
+    needed = target * anatomy.dense_params
+    tolerance = 0.5 * min(anatomy.kind(*key).params_per_unit for key in keys)
+    reachable = sum(entry[5] for entry in entries if math.isfinite(entry[0]))
+    if reachable < needed - tolerance:
+        raise UnreachableTargetError(
+            f"sparsity {target} is above what the unprotected structures can give under shape {anatomy.shape} "
+            f"({reachable / anatomy.dense_params:.3f}){protected_hint(anatomy, scores)}"
+        )
+    flags = {key: torch.ones(anatomy.kind(*key).count, dtype=torch.bool) for key in keys}
+    blocked: set[int] = set()
+    removed = 0.0
+    for rank, _, chain_index, tied, units, freed in entries:
+        if not math.isfinite(rank):
+            break
+        if chain_index in blocked:
+            continue
+        if removed + freed > needed + tolerance:
+            blocked.add(chain_index)
+            continue
+        removed += freed
+        for key, part in zip(tied, units, strict=True):
+            flags[key][part] = False
+    return KeepMask(flags)
+
+
+def _freed_by_moves(anatomy: ModelAnatomy, keys: list[Key], moves: list[list[list[int]]]) -> list[float]:
+    """Parameters each move of a chain frees, the moves made in order: its units, and every shared slice
+    (key/value head, router row) whose last reader it removes."""
+    freed = [0.0] * len(moves)
+    for p, key in enumerate(keys):
+        kind = anatomy.kind(*key)
+        readers_left = [[len(r) for r in dep.readers] for dep in kind.dependents]
+        reading = {}  # unit -> [(dependent, reader group)]
+        for d, dep in enumerate(kind.dependents):
+            for j, readers in enumerate(dep.readers):
+                for unit in readers:
+                    reading.setdefault(unit, []).append((d, j))
+        for index, move in enumerate(moves):
+            freed[index] += len(move[p]) * kind.params_per_unit
+            for unit in move[p]:
+                for d, j in reading.get(unit, ()):
+                    readers_left[d][j] -= 1
+                    if readers_left[d][j] == 0:
+                        freed[index] += kind.dependents[d].params_per_unit
+    return freed
 
 
 def _largest_unit(anatomy: ModelAnatomy) -> int:

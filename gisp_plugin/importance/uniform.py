@@ -6,6 +6,9 @@ unit indices that are scored and pruned together. Every listed layer loses the s
 groups of every kind; the fraction is chosen so that the model-level parameter sparsity is closest to
 the target, counting parameters exactly as the anatomy does. A non-uniform allocation (OWL) shifts each
 layer's fraction by a fixed per-layer ``offset``; the common fraction is then found the same way.
+Under a shape constraint (``anatomy.shape``) the number of units a kind loses is rounded to the nearest
+state the shape admits on a fixed path, and the scores choose the units (``shapes.Chain.along_path``);
+``uniform`` applies no per-layer offsets.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
 from gisp_plugin.finite import check_scores
 from gisp_plugin.importance.allocation import UnreachableTargetError
+from gisp_plugin.importance.shapes import Chain, cells_of, check_uniform_cover
 
 Groups = dict[tuple[int, str], tuple[tuple[int, ...], ...]]
 GroupScores = dict[tuple[int, str], torch.Tensor]  # one float64 score per group
@@ -36,17 +40,41 @@ def keep_groups(
     order: dict[tuple[int, str], torch.Tensor],
     ratio: float,
     offsets: Offsets | None = None,
+    scores: GroupScores | None = None,
 ) -> KeepMask:
     """Prune ``round(r * n_groups)`` groups of every listed (layer, kind), first in ``order``, with
-    ``r = layer_ratio(ratio, layer, offsets)``."""
+    ``r = layer_ratio(ratio, layer, offsets)``.
+
+    Under a shape constraint a kind whose cells the shape ties prunes the nearest admitted number of
+    groups instead, chosen by ``scores`` (default: the positions in ``order``).
+    """
+    offsets = shape_offsets(anatomy, offsets)
     keep = KeepMask.dense(anatomy)
     for key, members in groups.items():
         n_prune = min(len(members), round(layer_ratio(ratio, key[0], offsets) * len(members)))
-        flags = torch.ones(anatomy.kind(*key).count, dtype=torch.bool)
-        for g in order[key][:n_prune].tolist():
-            flags[list(members[g])] = False
+        kind = anatomy.kind(*key)
+        flags = torch.ones(kind.count, dtype=torch.bool)
+        if cells_of(kind, anatomy.shape) is None:
+            for g in order[key][:n_prune].tolist():
+                flags[list(members[g])] = False
+        else:
+            values = scores[key] if scores is not None else positions(order[key])
+            (removed,) = Chain.build(anatomy, [key], {key: values}, {key: members}).along_path(n_prune)
+            flags[removed] = False
         keep[key] = flags
     return keep
+
+
+def positions(order: torch.Tensor) -> torch.Tensor:
+    """Each group's position in ``order``: scores that rank the groups as ``order`` does."""
+    values = torch.empty(order.numel(), dtype=torch.float64)
+    values[order] = torch.arange(order.numel(), dtype=torch.float64)
+    return values
+
+
+def shape_offsets(anatomy: ModelAnatomy, offsets: Offsets | None) -> Offsets | None:
+    """The per-layer offsets the run's shape allows: none under ``uniform`` (every layer alike)."""
+    return None if anatomy.shape == "uniform" else offsets
 
 
 def lowest_first(scores: GroupScores) -> dict[tuple[int, str], torch.Tensor]:
@@ -65,7 +93,7 @@ def keep_lowest(
     """
     if groups is None:
         groups = {key: tuple((u,) for u in range(value.numel())) for key, value in scores.items()}
-    return keep_groups(anatomy, {key: groups[key] for key in scores}, lowest_first(scores), ratio, offsets)
+    return keep_groups(anatomy, {key: groups[key] for key in scores}, lowest_first(scores), ratio, offsets, scores)
 
 
 def take_layer(keep: KeepMask, decided: KeepMask, layer: int) -> None:
@@ -93,6 +121,8 @@ def ratio_for_target(
     layers = sorted({layer for layer, _ in groups})
     if not layers:
         raise UnreachableTargetError("no prunable layers")
+    check_uniform_cover(anatomy, list(groups))
+    offsets = shape_offsets(anatomy, offsets)
     full = anatomy.max_sparsity(layers)
     if target > full + 1e-9:
         raise UnreachableTargetError(f"sparsity {target} is above what layers {layers[0]}..{layers[-1]} give ({full:.3f})")
@@ -103,7 +133,7 @@ def ratio_for_target(
     candidates = [lowest] + [(a + b) / 2 for a, b in zip(breaks[:-1], breaks[1:], strict=True)] + [highest]
 
     def sparsity(index: int) -> float:
-        return anatomy.sparsity(keep_groups(anatomy, groups, first, candidates[index], offsets))
+        return anatomy.sparsity(keep_groups(anatomy, groups, first, candidates[index], offsets, scores))
 
     low, high = 0, len(candidates) - 1  # first candidate reaching the target lies in [low, high]
     while low < high:

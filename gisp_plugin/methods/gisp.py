@@ -42,7 +42,7 @@ Options from the reference (``pruners/grad_sp_global.py``) and where we differ:
 - ``schedule``: see ``gisp_schedules`` (the reference's first step prunes nothing; ours cut at every step).
 
 Every cut is recorded in ``job.trajectory``. With a ``work_dir``, the state after every finished step
-is written atomically to ``gisp-state.json``; a rerun with the same model, options, calibration data,
+is written atomically to ``gisp-state.json``; a rerun with the same model, options, shape, calibration data,
 targets and seed resumes from the last finished step and gives identical results (under ``torchrun``
 rank 0 alone reads and writes the state; every rank resumes from what rank 0 read). A state from a
 different run is ignored (with a warning) and overwritten. Every step records ``elapsed_s``, the GISP
@@ -368,7 +368,8 @@ def cut_to(anatomy: ModelAnatomy, ranked: Scores, sparsity: float, groups: Group
 
 def run_fingerprint(job: PruningJob) -> str:
     """A hash of everything a step's result depends on: weights, options (schedule included),
-    calibration data, targets, seed. The cuts follow from these (an adaptive schedule's from the losses)."""
+    calibration data, targets, seed, the run's shape constraint (``job.anatomy.shape``). The cuts follow
+    from these (an adaptive schedule's from the losses)."""
     digest = hashlib.sha256()
     for path in weight_paths(job.anatomy, include_dependents=True):
         tensor = weight_tensor(job.model, path).detach()
@@ -385,6 +386,7 @@ def run_fingerprint(job: PruningJob) -> str:
         "targets": list(job.targets),
         "seed": job.seed,
         "dtype": str(next(job.model.parameters()).dtype),
+        "shape": job.anatomy.shape,
     }
     digest.update(json.dumps(meta, sort_keys=True).encode())
     return digest.hexdigest()
