@@ -179,7 +179,8 @@ def check_inputs(args: argparse.Namespace) -> tuple:
         if data is not None:
             data_source(data.source)  # an unknown name or a missing file fails here
             check_seqlen(what, data.seqlen, limit, args.model)
-    folder = open_run_folder(args.out, run_request(args, parsed, targets, request, recovery), args.overwrite)
+    request_record = run_request(args, parsed, targets, request, recovery)
+    folder = open_run_folder(args.out, request_record, args.overwrite, lock=launch_setup().is_main)
     return options, spec, parsed, targets, request, recovery, quantization, folder
 
 
@@ -220,6 +221,14 @@ def load_for_job(args: argparse.Namespace) -> tuple[PreTrainedModel, Any, Distri
 
 def run(args: argparse.Namespace) -> int:
     options, spec, parsed, targets, request, recovery, quantization, folder = check_inputs(args)  # before loading anything
+    try:  # the folder's lock is held from its check to the end of the run, however it ends
+        return _run_into(args, folder, options, spec, parsed, targets, request, recovery, quantization)
+    finally:
+        folder.release()
+
+
+def _run_into(args, folder: RunFolder, options, spec, parsed, targets, request, recovery, quantization) -> int:
+    """Load, check against the model, prune and write: everything after the checks that need no model."""
     model, tokenizer, sharded = load_for_job(args)
     check_run(model, args.method, targets, options, request)  # reach of the targets, context, finite weights
     if recovery is not None:

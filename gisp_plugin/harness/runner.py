@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
+from gisp_plugin.checkpoint.locking import hold_folder
 from gisp_plugin.checkpoint.saving import count_params, save_pruned
 from gisp_plugin.data.api import CalibrationRequest
 from gisp_plugin.data.loading import data_source, load_calibration
@@ -405,6 +407,8 @@ def run_comparison(
         config = ComparisonConfig.from_mapping(config, "the comparison mapping")
     if not isinstance(config, ComparisonConfig):
         raise ConfigError(f"run_comparison needs a ComparisonConfig or a mapping, got {type(config).__name__}")
-    comparison = Comparison(config, Path(out))
-    init_distributed(config.device)
-    return comparison.run(progress)
+    lock = hold_folder(out, fix="wait for it to finish, or give another --out") if is_main_process() else nullcontext()
+    with lock:  # one comparison writes into ``out`` at a time (rank 0 writes; the other ranks only prune)
+        comparison = Comparison(config, Path(out))
+        init_distributed(config.device)
+        return comparison.run(progress)
