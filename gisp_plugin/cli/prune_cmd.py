@@ -41,7 +41,15 @@ from gisp_plugin.inputs import InputError, check_attention, check_device, check_
 from gisp_plugin.methods.api import MethodSpec
 from gisp_plugin.methods.options import options_to_dict, parse_assignments
 from gisp_plugin.models.loading import DEFAULT_MODEL, load_model, parse_dtype
-from gisp_plugin.pruning import check_run, check_targets, compact_subnetwork, pruning_record, resolve_method, run_method
+from gisp_plugin.pruning import (
+    check_before_loading,
+    check_run,
+    check_targets,
+    compact_subnetwork,
+    pruning_record,
+    resolve_method,
+    run_method,
+)
 from gisp_plugin.recovery.lora import RecoveryOptions, RecoveryReport, recover
 
 log = logging.getLogger(__name__)
@@ -174,6 +182,7 @@ def check_inputs(args: argparse.Namespace) -> tuple:
     recovery = recovery_request(request, args)
     check_ranks(request, launch_setup())
     check_sharding(args, spec, launch_setup())
+    check_before_loading(args.model, args.method, targets, options)  # steps and reach, from config.json alone
     limit = folder_context_limit(args.model) if Path(args.model).expanduser().is_dir() else None
     for what, data in (("calibration", request), ("recovery", recovery)):
         if data is not None:

@@ -178,6 +178,11 @@ class Comparison:
         anatomy = adapter_for(self.model).anatomy(self.model)
         for name, parsed in list(self.methods.items()):
             spec = resolve_method(name, self.config.method_options.get(name, {}))[0]
+            if spec.check_options is not None:  # the user's options must fit the model, named or not
+                try:
+                    spec.check_options(anatomy, parsed)
+                except ValueError as err:
+                    raise ConfigError(f"{name} options do not fit {self.config.model!r}: {err}") from None
             try:
                 if spec.max_sparsity is not None:
                     spec.max_sparsity(anatomy, parsed)
