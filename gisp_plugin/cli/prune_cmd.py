@@ -31,7 +31,7 @@ from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.cli.arguments import int_at_least, parse_sparsities
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
-from gisp_plugin.data.loading import data_source, load_calibration
+from gisp_plugin.data.loading import check_data_source, load_calibration
 from gisp_plugin.deploy.padding import default_pad_to
 from gisp_plugin.deploy.quantize import CHOICES, QuantChoice, check_quantization, quantization_info, quantize_model
 from gisp_plugin.deploy.size import weights_bytes
@@ -186,7 +186,7 @@ def check_inputs(args: argparse.Namespace) -> tuple:
     limit = folder_context_limit(args.model) if Path(args.model).expanduser().is_dir() else None
     for what, data in (("calibration", request), ("recovery", recovery)):
         if data is not None:
-            data_source(data.source)  # an unknown name or a missing file fails here
+            check_data_source(data.source)  # an unknown name, a missing file or an offline hub dataset fails here
             check_seqlen(what, data.seqlen, limit, args.model)
     request_record = run_request(args, parsed, targets, request, recovery)
     folder = open_run_folder(args.out, request_record, args.overwrite, lock=launch_setup().is_main)

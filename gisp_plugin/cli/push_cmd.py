@@ -9,28 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
 from gisp_plugin.checkpoint.saving import read_record
+from gisp_plugin.data.hub import hub_offline
 from gisp_plugin.deploy.model_card import CARD_FILE, write_model_card
 from gisp_plugin.models.loading import load_model
 
 log = logging.getLogger(__name__)
 
-TRUE = {"1", "on", "yes", "true"}
-
 
 class PushError(OSError):
     """A folder that cannot be pushed, or a Hub that cannot be reached."""
-
-
-def hub_offline() -> bool:
-    """Whether huggingface_hub is in offline mode (set now in the environment, or when it was imported)."""
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return env.strip().lower() in TRUE or constants.is_offline_mode()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

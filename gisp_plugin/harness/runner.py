@@ -30,7 +30,7 @@ from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.checkpoint.locking import hold_folder
 from gisp_plugin.checkpoint.saving import count_params, save_pruned
 from gisp_plugin.data.api import CalibrationRequest
-from gisp_plugin.data.loading import data_source, load_calibration
+from gisp_plugin.data.loading import check_data_source, load_calibration
 from gisp_plugin.deploy.padding import default_pad_to
 from gisp_plugin.deploy.quantize import QuantChoice, parse_row_quantizations, quantization_info, quantized_copy
 from gisp_plugin.deploy.size import serialized_bytes, size_metrics
@@ -199,7 +199,7 @@ class Comparison:
         """Data sources exist (with ``data``) and every sequence length fits the model's ``context``."""
         if any(self._needs_data(m) for m in self.methods):
             if data:
-                data_source(self.config.calibration)
+                check_data_source(self.config.calibration)
             check_seqlen("calibration", self.config.seqlen, context, self.config.model)
         check_spec_inputs(self.specs, context, self.config.model, data)
 
