@@ -128,3 +128,19 @@ def test_a_folder_held_elsewhere_is_refused_before_loading_and_the_lock_is_let_g
     assert main(prune(model_dir, out, "0.2")) == 0
     assert main(prune(model_dir, out, "0.2")) == 0  # released after the first run: the same run resumes
     assert not lock_path(out).exists()
+
+
+def test_a_comparison_folder_held_elsewhere_is_refused(model_dir, tmp_path, capsys):
+    out = tmp_path / "compare"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env()
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert main(["compare", "--model", str(model_dir), "--methods", "magnitude", "--out", str(out)]) == 2
+    finally:
+        holder.communicate("")
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and f"--out folder {str(out)!r} is being written by another gisp process (pid {holder.pid} on " in err[0]
+    assert err[0].endswith("wait for it to finish, or give another --out")
+    assert not out.exists()
