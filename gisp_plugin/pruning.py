@@ -18,6 +18,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from gisp_plugin.adapters.api import adapter_for
+from gisp_plugin.anatomy.structures import ModelAnatomy
 from gisp_plugin.checkpoint.saving import PruningRecord, count_params
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
@@ -102,14 +103,43 @@ def check_run(
     check_shape(shape)
     adapter = adapter_for(model)
     anatomy = dataclasses.replace(adapter.anatomy(model), shape=shape)
-    reachable = spec.max_sparsity(anatomy, parsed) if spec.max_sparsity else anatomy.max_sparsity()
-    checked = check_targets(targets, reachable)
+    checked = check_against_anatomy(spec, parsed, anatomy, targets)
     if spec.calibration is not None:
         data = calibration if calibration is not None else spec.default_calibration_request()
         longest = data.seqlen if isinstance(data, CalibrationRequest) else max(len(s) for s in data.sequences)
         check_seqlen("calibration", longest, context_limit(model.config), getattr(model, "name_or_path", "") or "the model")
     check_finite_weights(model, f"{method} cannot prune this model")
     return CheckedRun(spec, parsed, adapter, anatomy, checked)
+
+
+def check_against_anatomy(spec: MethodSpec, options: Any, anatomy: ModelAnatomy, targets: Sequence[float]) -> tuple[float, ...]:
+    """The checks that need only the model's structures (no weights): the method's options, the targets' reach."""
+    if spec.check_options is not None:
+        spec.check_options(anatomy, options)
+    reachable = spec.max_sparsity(anatomy, options) if spec.max_sparsity else anatomy.max_sparsity()
+    return check_targets(targets, reachable)
+
+
+def check_before_loading(model: str, method: str, targets: Sequence[float], options: dict[str, Any] | None = None) -> None:
+    """``check_against_anatomy`` on a local dense folder's structures, read from its ``config.json`` alone
+    (an empty model on the meta device: no weights are read), so a run that cannot work is refused before
+    minutes of loading. A hub id or a pruned folder is checked once loaded (``check_run``)."""
+    from gisp_plugin.checkpoint.saving import is_pruned_folder
+
+    folder = Path(model).expanduser()
+    if not (folder / "config.json").is_file() or is_pruned_folder(folder):
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with init_empty_weights():
+            empty = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError):
+        return  # loading the model names what is wrong with the folder
+    spec, parsed = resolve_method(method, options)
+    check_against_anatomy(spec, parsed, adapter_for(empty).anatomy(empty), targets)
 
 
 def run_method(

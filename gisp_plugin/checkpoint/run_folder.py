@@ -6,19 +6,23 @@ same request into the same folder resumes it (GISP continues from its last finis
 holding a different run, or files that are no run at all, is refused before anything is loaded, so
 no run's records are mixed with or overwritten by another's. With ``overwrite`` the new run is built
 in a hidden folder beside the old one and swapped in only when complete: until then the old run stays
-whole, and an interrupted overwrite leaves it untouched.
+whole, and an interrupted overwrite leaves it untouched. While a run is checked and written, its process
+holds the folder's lock (``checkpoint.locking``): a second run into the same ``--out`` is refused with
+the first one named, so two runs never mix their records or share a staging folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gisp_plugin.checkpoint.locking import hold_folder
 from gisp_plugin.inputs import InputError, check_output_folder
 
 log = logging.getLogger(__name__)
@@ -60,10 +64,15 @@ class RunFolder:
     out: Path
     path: Path
     request: dict[str, Any]
+    lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     @property
     def staging(self) -> bool:
         return self.path != self.out
+
+    def release(self) -> None:
+        """Let go of the folder's lock (the run is over: finished, failed or stopped)."""
+        self.lock.close()
 
     def final_path(self, written: Path) -> Path:
         """Where something written under ``path`` will be once the run is finished."""
@@ -111,13 +120,29 @@ class RunFolder:
         log.info("replaced %s with the new run", self.out)
 
 
-def open_run_folder(out: str | Path, request: dict[str, Any], overwrite: bool = False) -> RunFolder:
-    """Check ``out`` for a run of ``request`` and say where to write; refuse another run's folder.
+def open_run_folder(out: str | Path, request: dict[str, Any], overwrite: bool = False, lock: bool = True) -> RunFolder:
+    """Check ``out`` for a run of ``request`` and say where to write; refuse another run's folder, and a
+    folder another process is writing now.
 
-    Nothing is written here (under torchrun every rank checks, rank 0 alone writes): the caller calls
-    ``start()`` once everything else is checked.
+    With ``lock`` (the process that will write) the folder's lock is taken before the folder is read and
+    held until ``release()``. Nothing is written here (under torchrun every rank checks, rank 0 alone
+    locks and writes): the caller calls ``start()`` once everything else is checked.
     """
     out = check_output_folder(out, "--out folder")
+    stack = contextlib.ExitStack()
+    if lock:
+        stack.enter_context(hold_folder(out))
+    try:
+        folder = _run_folder(out, request, overwrite)
+    except BaseException:
+        stack.close()
+        raise
+    folder.lock = stack
+    return folder
+
+
+def _run_folder(out: Path, request: dict[str, Any], overwrite: bool) -> RunFolder:
+    """Where a run of ``request`` writes into ``out`` (whose lock this process holds, or a rank-0 peer does)."""
     if not out.exists() or not any(out.iterdir()):
         return RunFolder(out, out, request)
     earlier = _read_run(out)

@@ -26,7 +26,7 @@ from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
 from gisp_plugin.deploy.model_card import write_model_card
 from gisp_plugin.distributed.context import DistributedSetup
 from gisp_plugin.inputs import check_device
-from gisp_plugin.models.loading import ModelLoadError, check_weights, parse_dtype
+from gisp_plugin.models.loading import ModelLoadError, check_loading_info, check_weights, parse_dtype
 
 RECORD_FILE = "pruning.json"
 RECORD_FORMAT = "gisp-pruned/2"
@@ -129,6 +129,11 @@ def is_gisp_pruned(config: Any) -> bool:
     return bool(getattr(config, "pruning_base_model_type", None))
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def is_pruned_folder(path: str | Path) -> bool:
     return (Path(path) / RECORD_FILE).exists()
 
@@ -163,15 +168,21 @@ def load_pruned(
         check_weights(path)  # safetensors only, each file complete
     except ModelLoadError as err:
         raise CheckpointError(str(err)) from err
-    kwargs: dict[str, Any] = {"dtype": dtype or "auto", "use_safetensors": True}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype or "auto",
+        "use_safetensors": True,
+        "output_loading_info": True,  # a config.json edited after saving would leave random or unused tensors
+        "ignore_mismatched_sizes": True,  # reported with the shapes, refused by check_loading_info
+    }
     if model_cls is AutoModelForCausalLM:
         kwargs["trust_remote_code"] = False
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = model_cls.from_pretrained(path, **kwargs)
+        model, info = model_cls.from_pretrained(path, **kwargs)
     except Exception as err:  # safetensors/transformers raise many types for damaged files
-        raise CheckpointError(f"could not load the pruned model in {str(path)!r}: {err}") from err
+        raise CheckpointError(f"could not load the pruned model in {str(path)!r}: {_first_line(err)}") from err
+    check_loading_info(info, path, CheckpointError)
     expected = record["params"]["decoder"]
     actual = count_params(model)["decoder"]
     if actual != expected:

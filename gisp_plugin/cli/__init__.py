@@ -4,21 +4,30 @@
 prune ...`` runs one job on N ranks (see ``gisp_plugin.distributed``). Under torchrun, ``prune`` and
 ``compare`` run on every rank (data parallel); the other commands run on rank 0 alone, the other ranks
 exit at once, so nothing is evaluated, written or pushed twice.
+
+Exit status, one per kind of outcome (also in ``gisp --help`` and docs/cli.md): 0 done; 2 refused or
+stopped by something the user can fix, named in one line (a bad value or file, a folder another run is
+writing, an offline Hub, a full disk); 1 an unforeseen failure (a bug: its type and place, ``-v`` for the
+traceback); 130 interrupted (Ctrl-C or SIGTERM): finished work is kept and the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
 import logging
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
 from gisp_plugin.cli.console import configure_logging
 from gisp_plugin.deploy.import_noise import quiet_torchao_import
-from gisp_plugin.distributed.context import is_main_process, launch_rank
+from gisp_plugin.distributed.context import is_main_process, launch_rank, launched_by_torchrun
 from gisp_plugin.distributed.failures import error_line, sigterm_raises
 
 COMMANDS = (
@@ -41,8 +50,58 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
 
 
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+EXIT_CODES = (
+    "exit status: 0 done; 2 refused or stopped by something you can fix, named in one line (a bad value or file, "
+    "an --out folder another run is writing, an offline Hub, a full disk); 1 an unforeseen failure (run with -v "
+    "for the traceback); 130 interrupted (Ctrl-C or SIGTERM): finished work is kept, the same command resumes"
+)
+# Conditions of the machine, not of the program: reported in one line with exit 2, never as a crash.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+RESUMABLE = ("prune", "compare")  # commands whose finished work a rerun of the same command reuses
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside torchrun: stops the command exactly like Ctrl-C (cleanup runs, finished work is kept)."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Outside torchrun, SIGTERM raises ``Terminated`` while the body runs (under torchrun it means another
+    rank failed: ``sigterm_raises`` handles it)."""
+    if launched_by_torchrun():
+        yield
+        return
+
+    def stop(signum, frame) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _environment_error(err: BaseException) -> OSError | None:
+    """The full disk, quota or permission error behind ``err`` (libraries wrap it in their own types)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="gisp", description="Structured pruning of LLMs: pick methods by name, prune, evaluate, compare.")
+    parser = Parser(
+        prog="gisp",
+        description="Structured pruning of LLMs: pick methods by name, prune, evaluate, compare.",
+        epilog=EXIT_CODES,
+    )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log debug messages, and show the logs and progress bars of lm-eval etc."
     )
@@ -64,23 +123,31 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, getattr(args, "own_log_level", logging.INFO))
     quiet_torchao_import(not args.verbose)
     try:
-        with sigterm_raises():  # under torchrun: another rank's failure stops this one through the same cleanup
+        with sigterm_raises(), sigterm_interrupts():  # torchrun's stop (another rank failed), or the user's
             return args.run(args) or 0
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if is_main_process():
-            print(f"gisp {args.command}: interrupted; finished results are kept", file=sys.stderr)
-        return 130
+            how = "SIGTERM" if isinstance(stop, Terminated) else "Ctrl-C"
+            resume = "; run the same command again to resume" if args.command in RESUMABLE else ""
+            print(f"gisp {args.command}: interrupted ({how}); finished results are kept{resume}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:
         if args.verbose:
             raise
-        expected = isinstance(err, (ValueError, LookupError, OSError))  # every user-facing error type derives from these
-        message = _one_line(err) if expected else f"{_unforeseen(err)} (run with -v for the traceback)"
+        environment = _environment_error(err)
+        expected = environment is not None or isinstance(err, (ValueError, LookupError, OSError))  # user-facing types
+        if environment is not None:  # named as the machine's condition, whatever library wrapped it
+            full = environment.errno in (errno.ENOSPC, errno.EDQUOT)
+            fix = "free space or choose another place" if full else "choose a place you can write"
+            message = f"{_one_line(environment)}; {fix} (finished results are kept)"
+        else:
+            message = _one_line(err) if expected else f"{_unforeseen(err)} (run with -v for the traceback)"
         line = error_line(args.command, message, err)  # under torchrun: one line on rank 0, not one per rank
         if line is not None:
             print(line, file=sys.stderr)
-        return 2 if expected else 1
+        return EXIT_BAD_INPUT if expected else EXIT_FAILED
 
 
 def _one_line(err: BaseException) -> str:

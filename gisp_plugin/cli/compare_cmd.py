@@ -6,8 +6,10 @@ import argparse
 import logging
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+from gisp_plugin.checkpoint.locking import hold_folder
 from gisp_plugin.cli.arguments import add_shape_argument, int_at_least
 from gisp_plugin.cli.console import quiet_libraries
 from gisp_plugin.distributed.context import is_main_process
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     started = time.perf_counter()
     progress = ComparisonProgress(bar=is_main_process(), file=sys.stderr)
-    with quiet_libraries(enabled=not getattr(args, "verbose", False)):
+    lock = hold_folder(args.out, fix="wait for it to finish, or give another --out") if is_main_process() else nullcontext()
+    with lock, quiet_libraries(enabled=not getattr(args, "verbose", False)):  # the results are written under the lock too
         result = run_comparison(config, args.out, progress)
         if result is None:  # a rank other than 0 under torchrun: its share of the pruning is done
             return 0

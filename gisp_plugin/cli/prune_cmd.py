@@ -32,7 +32,7 @@ from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.cli.arguments import add_shape_argument, int_at_least, parse_sparsities
 from gisp_plugin.cli.export_cmd import add_export_options, export_options
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
-from gisp_plugin.data.loading import data_source, load_calibration
+from gisp_plugin.data.loading import check_data_source, load_calibration
 from gisp_plugin.deploy.padding import default_pad_to
 from gisp_plugin.deploy.quantize import CHOICES, QuantChoice, check_quantization, quantization_info, quantize_model
 from gisp_plugin.deploy.size import weights_bytes
@@ -44,7 +44,15 @@ from gisp_plugin.inputs import InputError, check_attention, check_device, check_
 from gisp_plugin.methods.api import MethodSpec
 from gisp_plugin.methods.options import options_to_dict, parse_assignments
 from gisp_plugin.models.loading import DEFAULT_MODEL, load_model, parse_dtype
-from gisp_plugin.pruning import check_run, check_targets, compact_subnetwork, pruning_record, resolve_method, run_method
+from gisp_plugin.pruning import (
+    check_before_loading,
+    check_run,
+    check_targets,
+    compact_subnetwork,
+    pruning_record,
+    resolve_method,
+    run_method,
+)
 from gisp_plugin.recovery.lora import RecoveryOptions, RecoveryReport, recover
 
 log = logging.getLogger(__name__)
@@ -212,12 +220,14 @@ def check_inputs(args: argparse.Namespace) -> tuple:
     recovery = recovery_request(request, args)
     check_ranks(request, launch_setup())
     check_sharding(args, spec, launch_setup())
+    check_before_loading(args.model, args.method, targets, options)  # steps and reach, from config.json alone
     limit = folder_context_limit(args.model) if Path(args.model).expanduser().is_dir() else None
     for what, data in (("calibration", request), ("recovery", recovery)):
         if data is not None:
-            data_source(data.source)  # an unknown name or a missing file fails here
+            check_data_source(data.source)  # an unknown name, a missing file or an offline hub dataset fails here
             check_seqlen(what, data.seqlen, limit, args.model)
-    folder = open_run_folder(args.out, run_request(args, parsed, targets, request, recovery), args.overwrite)
+    request_record = run_request(args, parsed, targets, request, recovery)
+    folder = open_run_folder(args.out, request_record, args.overwrite, lock=launch_setup().is_main)
     return options, spec, parsed, targets, request, recovery, quantization, folder
 
 
@@ -258,6 +268,14 @@ def load_for_job(args: argparse.Namespace) -> tuple[PreTrainedModel, Any, Distri
 
 def run(args: argparse.Namespace) -> int:
     options, spec, parsed, targets, request, recovery, quantization, folder = check_inputs(args)  # before loading anything
+    try:  # the folder's lock is held from its check to the end of the run, however it ends
+        return _run_into(args, folder, options, spec, parsed, targets, request, recovery, quantization)
+    finally:
+        folder.release()
+
+
+def _run_into(args, folder: RunFolder, options, spec, parsed, targets, request, recovery, quantization) -> int:
+    """Load, check against the model, prune and write: everything after the checks that need no model."""
     model, tokenizer, sharded = load_for_job(args)
     check_run(model, args.method, targets, options, request, args.shape)  # reach of the targets, context, finite weights
     check_exportable(model, args.exports, args)

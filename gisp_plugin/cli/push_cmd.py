@@ -7,28 +7,20 @@ Offline (``HF_HUB_OFFLINE=1``) it stops with a clear error before any request is
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import os
 from pathlib import Path
 
 from gisp_plugin.checkpoint.saving import read_record
+from gisp_plugin.data.hub import hub_offline
 from gisp_plugin.deploy.model_card import CARD_FILE, write_model_card
+from gisp_plugin.models.loading import load_model
 
 log = logging.getLogger(__name__)
-
-TRUE = {"1", "on", "yes", "true"}
 
 
 class PushError(OSError):
     """A folder that cannot be pushed, or a Hub that cannot be reached."""
-
-
-def hub_offline() -> bool:
-    """Whether huggingface_hub is in offline mode (set now in the environment, or when it was imported)."""
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return env.strip().lower() in TRUE or constants.is_offline_mode()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,10 +32,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def check_loads(folder: Path) -> None:
+    """The folder loads as it will from the Hub: its config, every weight (matching the config), the
+    modelling file its ``auto_map`` names and its tokenizer; otherwise one line naming the missing piece."""
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    for entry in (config.get("auto_map") or {}).values():
+        module = str(entry).rpartition(".")[0]
+        if module and not (folder / f"{module}.py").is_file():
+            raise PushError(
+                f"{str(folder)!r} has no {module}.py, the modelling file its config.json names, so nothing was sent; "
+                "save the folder again with gisp prune"
+            )
+    load_model(str(folder))  # config, weights and tokenizer: each missing or damaged piece is named
+
+
 def run(args: argparse.Namespace) -> int:
     record = read_record(args.folder)  # refuses folders that are not pruned models
     if len(args.repo_id.split("/")) != 2 or not all(args.repo_id.split("/")):
         raise PushError(f"repository id {args.repo_id!r} must be owner/name")
+    check_loads(args.folder)
     if hub_offline():
         raise PushError(
             f"the Hugging Face Hub is offline here (HF_HUB_OFFLINE is set), so nothing was sent; "

@@ -105,7 +105,8 @@ class DataSource:
 
     ``kind`` is ``"text"``, ``"multiple_choice"`` or ``"qa"``. ``calibration`` draws a calibration set
     with a tokenizer; ``text`` (text sources only) returns the raw text of a split (``"calibration"``
-    or ``"evaluation"``) for perplexity.
+    or ``"evaluation"``) for perplexity. ``hub_dataset`` names the Hugging Face dataset it reads (``None``:
+    local data), so an offline machine refuses it before any model is loaded.
     """
 
     name: str
@@ -113,3 +114,4 @@ class DataSource:
     kind: str
     calibration: Callable[[CalibrationRequest, object], CalibrationSet]
     text: Callable[[str], str] | None = None
+    hub_dataset: str | None = None

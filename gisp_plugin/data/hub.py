@@ -15,8 +15,22 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-class DatasetUnavailableError(RuntimeError):
-    """A data source whose Hugging Face dataset cannot be loaded here, with the offline alternatives."""
+class DatasetUnavailableError(OSError):
+    """A data source whose Hugging Face dataset cannot be loaded here, with the offline alternatives
+    (an ``OSError``: the data is unreachable from here, a problem the user fixes, exit status 2)."""
+
+
+TRUE = {"1", "on", "yes", "true"}
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (set now in the environment, or when it was imported)."""
+    import os
+
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return env.strip().lower() in TRUE or constants.is_offline_mode()
 
 
 def describe(path: str, name: str | None = None, split: str | None = None, data_files: Any = None) -> str:

@@ -71,17 +71,20 @@ C4 = TextCorpus(
     parts="Calibration part: C4 train shard 00000; evaluation part: C4 validation shard 00000 (disjoint splits).",
     read=_c4_text,
     documents=_c4_documents,
+    hub_dataset="allenai/c4",
 )
 WIKITEXT2 = TextCorpus(
     name="wikitext2",
     description="WikiText-2 raw (Salesforce/wikitext): windows of the train split; evaluation on test (needs the Hub)",
     parts="Calibration part: WikiText-2 train; evaluation part: WikiText-2 test (disjoint splits).",
     read=_wikitext2_text,
+    hub_dataset="Salesforce/wikitext",
 )
 PTB = TextCorpus(
     name="ptb",
     description="Penn Treebank (ptb_text_only, Parquet export): windows of the train split; evaluation on test (needs the Hub)",
     parts="Calibration part: PTB train; evaluation part: PTB test (disjoint splits).",
     read=_ptb_text,
+    hub_dataset="ptb-text-only/ptb_text_only",
 )
 HUB_CORPORA = (C4, WIKITEXT2, PTB)

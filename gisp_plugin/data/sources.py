@@ -64,6 +64,7 @@ TASK_SOURCES = (
         description=f"GISP multiple-choice mixture ({', '.join(TASK_NAMES)}) from the Hub train splits, equal token budget",
         kind="multiple_choice",
         calibration=cmqa_calibration,
+        hub_dataset="the tasks' train splits",
     ),
     DataSource(
         name="cmqa-offline",
@@ -76,6 +77,7 @@ TASK_SOURCES = (
         description="GSM8K question/answer pairs (openai/gsm8k main train), loss on the answer tokens",
         kind="qa",
         calibration=gsm8k_calibration,
+        hub_dataset="openai/gsm8k",
     ),
     DataSource(
         name="gsm8k-offline",

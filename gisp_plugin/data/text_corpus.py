@@ -38,6 +38,7 @@ class TextCorpus:
     parts: str
     read: Callable[[str], str]
     documents: Callable[[], Sequence[str]] | None = None
+    hub_dataset: str | None = None  # the Hugging Face dataset read (None: local text)
     cache_key: Callable[[], str] | None = None
 
     def text(self, split: str) -> str:
@@ -66,4 +67,5 @@ class TextCorpus:
             kind="text",
             calibration=self.calibration,
             text=self.text,
+            hub_dataset=self.hub_dataset,
         )

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,10 @@ import torch
 
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
+from gisp_plugin.checkpoint.locking import hold_folder
 from gisp_plugin.checkpoint.saving import count_params, save_pruned
 from gisp_plugin.data.api import CalibrationRequest
-from gisp_plugin.data.loading import data_source, load_calibration
+from gisp_plugin.data.loading import check_data_source, load_calibration
 from gisp_plugin.deploy.padding import default_pad_to
 from gisp_plugin.deploy.quantize import QuantChoice, parse_row_quantizations, quantization_info, quantized_copy
 from gisp_plugin.deploy.size import serialized_bytes, size_metrics
@@ -179,6 +181,11 @@ class Comparison:
         anatomy = adapter_for(self.model).anatomy(self.model)
         for name, parsed in list(self.methods.items()):
             spec = resolve_method(name, self.config.method_options.get(name, {}))[0]
+            if spec.check_options is not None:  # the user's options must fit the model, named or not
+                try:
+                    spec.check_options(anatomy, parsed)
+                except ValueError as err:
+                    raise ConfigError(f"{name} options do not fit {self.config.model!r}: {err}") from None
             try:
                 if spec.max_sparsity is not None:
                     spec.max_sparsity(anatomy, parsed)
@@ -195,7 +202,7 @@ class Comparison:
         """Data sources exist (with ``data``) and every sequence length fits the model's ``context``."""
         if any(self._needs_data(m) for m in self.methods):
             if data:
-                data_source(self.config.calibration)
+                check_data_source(self.config.calibration)
             check_seqlen("calibration", self.config.seqlen, context, self.config.model)
         check_spec_inputs(self.specs, context, self.config.model, data)
 
@@ -427,6 +434,8 @@ def run_comparison(
         config = ComparisonConfig.from_mapping(config, "the comparison mapping")
     if not isinstance(config, ComparisonConfig):
         raise ConfigError(f"run_comparison needs a ComparisonConfig or a mapping, got {type(config).__name__}")
-    comparison = Comparison(config, Path(out))
-    init_distributed(config.device)
-    return comparison.run(progress)
+    lock = hold_folder(out, fix="wait for it to finish, or give another --out") if is_main_process() else nullcontext()
+    with lock:  # one comparison writes into ``out`` at a time (rank 0 writes; the other ranks only prune)
+        comparison = Comparison(config, Path(out))
+        init_distributed(config.device)
+        return comparison.run(progress)

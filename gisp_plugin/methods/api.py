@@ -87,6 +87,8 @@ class MethodSpec:
     ``nested`` says whether one run's subnetworks are nested, so that a trajectory describes them all;
     ``shardable`` says whether the method runs on a model sharded with FSDP2 (``gisp prune --fsdp``): true
     for methods that score through the gradient engine and ``model_scores``, which handle sharded tensors.
+    ``check_options(anatomy, options)`` refuses options that cannot work on this model (GISP: more steps
+    than prunable structures), with a ``ValueError`` that says what to give; run before any data is read.
     """
 
     name: str
@@ -97,6 +99,7 @@ class MethodSpec:
     nested: bool = False
     max_sparsity: Callable[[ModelAnatomy, Any], float] | None = None
     shardable: bool = False
+    check_options: Callable[[ModelAnatomy, Any], None] | None = None
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)]

@@ -244,6 +244,25 @@ def max_sparsity(anatomy: ModelAnatomy, options: GispOptions) -> float:
     return share * sum(size.values()) / anatomy.dense_params
 
 
+def check_options(anatomy: ModelAnatomy, options: GispOptions) -> None:
+    """Every step cuts at least one structure: more steps than prunable structures would only repeat
+    gradient passes (hours on a large model) that cut nothing."""
+    protected = set(protected_layers(len(anatomy.layers), options.protect))
+    blocks = options.prunable_blocks
+    structures = sum(
+        kind.count
+        for layer in anatomy.layers
+        if layer.index not in protected
+        for kind in layer.kinds.values()
+        if blocks is None or kind.block in blocks
+    )
+    if options.steps > structures:
+        raise ValueError(
+            f"steps={options.steps} is more than the {structures} structures gisp may prune in this model "
+            f"(each step cuts at least one); give -o steps={structures} or fewer"
+        )
+
+
 # --- scores ----------------------------------------------------------------------------------------------
 
 
@@ -540,6 +559,7 @@ GISP = MethodSpec(
     nested=True,
     shardable=True,
     max_sparsity=max_sparsity,
+    check_options=check_options,
 )
 
 

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from gisp_plugin.checkpoint.locking import hold_folder
 from gisp_plugin.inputs import InputError, check_attention, check_device
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,49 @@ def check_weights(folder: str | Path) -> list[Path]:
     return files
 
 
+def _grouped(names: list[str], shown: int = 3) -> str:
+    """Tensor names, the ones that differ only in numbers grouped (``model.layers.{3,4}.mlp.up_proj.weight``)."""
+    groups: dict[str, list[list[str]]] = {}
+    for name in sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]):
+        pattern = re.sub(r"\d+", "#", name)
+        groups.setdefault(pattern, []).append(re.findall(r"\d+", name))
+    parts = []
+    for pattern, numbers in groups.items():
+        columns = [sorted(set(col), key=int) for col in zip(*numbers, strict=True)]
+        filled = ["{" + ",".join(col) + "}" if len(col) > 1 else col[0] for col in columns]
+        pieces = pattern.split("#")
+        parts.append("".join(piece + (filled[i] if i < len(filled) else "") for i, piece in enumerate(pieces)))
+    more = f" and {len(parts) - shown} more" if len(parts) > shown else ""
+    return ", ".join(parts[:shown]) + more
+
+
+def check_loading_info(info: dict[str, Any], folder: str | Path, error: type[Exception] = ModelLoadError) -> None:
+    """Refuse weights that do not match their ``config.json`` (transformers' ``output_loading_info``):
+    a model with missing tensors would run with random ones, so every mismatch is named in one line.
+
+    Tied weights (``lm_head`` tied to the embeddings) are not reported missing by transformers.
+    """
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) the config needs are missing from the weights ({_grouped(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the weights have no place in the config ({_grouped(unexpected)})")
+    if mismatched:
+        name, stored, wanted = mismatched[0]
+        problems.append(
+            f"{len(mismatched)} tensor(s) have another shape than the config makes them "
+            f"({_grouped([m[0] for m in mismatched])}; {name} is {tuple(stored)} in the weights, {tuple(wanted)} by the config)"
+        )
+    if problems:
+        raise error(
+            f"the weights in {str(folder)!r} do not match its config.json: {'; '.join(problems)}; "
+            "restore the config.json that belongs to these weights (or the weights of this config)"
+        )
+
+
 def checkpoint_name(name: str) -> str:
     """The checkpoint key of a model tensor: a masked tensor's ``...parametrizations.weight.original`` is ``...weight``."""
     if ".parametrizations." in name and name.endswith(".original"):
@@ -104,14 +149,30 @@ def smollm2_folder() -> Path:
     """A plain HF folder (safetensors + tokenizer) of SmolLM2-135M-Instruct, converted from GGUF once.
 
     A damaged cached copy (a truncated ``model.safetensors``) is named in a warning and converted again.
+    Commands started at the same time convert it once: the others wait for the cache folder's lock.
     """
     target = cache_dir() / "models" / DEFAULT_MODEL
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        try:
-            check_weights(target)
-            return target
-        except ModelLoadError as err:
+    if _complete(target, quiet=True):  # the usual case: no lock needed (a read-only cache works)
+        return target
+    with hold_folder(target, "model cache folder", wait=True):
+        return target if _complete(target) else _convert_smollm2(target)
+
+
+def _complete(target: Path, quiet: bool = False) -> bool:
+    """Whether ``target`` holds a whole converted copy (a damaged one is named unless ``quiet``)."""
+    if not ((target / "config.json").exists() and (target / "model.safetensors").exists()):
+        return False
+    try:
+        check_weights(target)
+    except ModelLoadError as err:
+        if not quiet:
             log.warning("dropping the damaged cached model: %s", err)
+        return False
+    return True
+
+
+def _convert_smollm2(target: Path) -> Path:
+    """Convert the GGUF into ``target`` (under the folder's lock)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # never imported: it pulls in the `llm` CLI
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
@@ -180,12 +241,17 @@ def load_model(
     if is_pruned_folder(path):
         model = load_pruned(path, device=device, dtype=torch_dtype, attn_implementation=attn_implementation)
         return model, _tokenizer(path)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "use_safetensors": True}
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype,
+        "use_safetensors": True,
+        "output_loading_info": True,  # checked below: never a model with randomly initialised parts
+        "ignore_mismatched_sizes": True,  # reported in the loading info with the shapes, refused below
+    }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
         tokenizer = _tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as err:  # transformers raises all of these for a bad folder
         if local:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -195,6 +261,7 @@ def load_model(
             "Without network access, download it elsewhere and pass its local folder, "
             f"or use the built-in {DEFAULT_MODEL!r}. Set HF_HUB_OFFLINE=1 to fail fast."
         ) from err
+    check_loading_info(info, path if local else name)
     return model.to(device).eval(), tokenizer
 
 
