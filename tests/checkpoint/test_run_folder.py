@@ -115,3 +115,20 @@ def test_a_run_that_fails_before_any_result_leaves_no_folder(model_dir, tmp_path
     assert main(prune(model_dir, out, "0.9995")) == 2  # above what the layers can give: known only with the model
     assert "above what the prunable layers can give" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_failing_overwrite_keeps_the_old_run(folders, tmp_path):
+    model_dir, text = folders
+    out = tmp_path / "out"
+    assert main(prune(model_dir, out, "0.2")) == 0
+    before = snapshot(out)
+    stopped = GispSteps(stop_after=1)  # the new run stops after its first step has written state
+    logger = logging.getLogger("gisp_plugin.methods.gisp")
+    logger.addHandler(stopped)
+    try:
+        argv = [*prune(model_dir, out, "0.2,0.4", "--overwrite", method="gisp"), "-o", "steps=4"]
+        code = main(["-v", *argv, "--calibration", f"file:{text}", "--n-samples", "2", "--seqlen", "16"])
+    finally:
+        logger.removeHandler(stopped)
+    assert code == 130 and stopped.computed == [1]
+    assert snapshot(out) == before  # the old run, byte for byte

@@ -1,7 +1,9 @@
 """Saved pruned models reload exactly, with this package and with plain transformers."""
 
+import errno
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -90,11 +92,29 @@ def test_errors_for_missing_foreign_and_corrupt_folders(tmp_path, tokenizer):
         load_pruned(folder)
 
 
+class DiskFillsUp:
+    """A tokenizer whose files fill the disk: it writes them, then fails as a full disk does (after the
+    weights, before the record and the model card)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def save_pretrained(self, folder) -> None:
+        self.tokenizer.save_pretrained(folder)
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+
 def test_save_replaces_atomically_and_leaves_no_partial(tmp_path, tokenizer):
     _, compact, _, _, record = _pruned("qwen2")
     save_pruned(compact, tokenizer, tmp_path / "m", record)
-    save_pruned(compact, tokenizer, tmp_path / "m", record)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    with pytest.raises(OSError, match="No space left on device"):
+        save_pruned(compact, DiskFillsUp(tokenizer), tmp_path / "m", replace(record, method="other"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial folder beside it
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before  # the old one whole
+    save_pruned(compact, tokenizer, tmp_path / "m", replace(record, method="other"))  # a save that completes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert json.loads((tmp_path / "m" / "pruning.json").read_text())["method"] == "other"
 
 
 def test_trajectory_rebuilds_every_step_from_the_dense_model(tmp_path):
