@@ -5,10 +5,10 @@ import torch
 
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
-from gisp_plugin.calibration.recorder import collect_input_statistics
 from gisp_plugin.calibration.sequential import SequentialCalibration, capture_layer_inputs
 from gisp_plugin.data.api import CalibrationSet
 from gisp_plugin.masking.masked_model import MaskedModel
+from tests.calibration.full_passes import collect_input_statistics
 from tests.tiny import EAGER_ONLY, tiny_model
 
 MODULES = ("self_attn.o_proj", "mlp.down_proj")
