@@ -15,7 +15,7 @@ from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.checkpoint.saving import CheckpointError, load_pruned, read_record, save_pruned
 from gisp_plugin.checkpoint.trajectory import NotNestedError, Trajectory
 from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import EAGER_ONLY, FAMILIES, random_ids, random_keep, record_for, tiny_model
+from tests.tiny import FAMILIES, random_ids, random_keep, record_for, tiny_model, with_attention
 
 
 def _pruned(family: str, seed: int = 0):
@@ -50,12 +50,9 @@ def test_reload_equals_saved(tmp_path, tokenizer, family):
     assert read_record(folder)["pruned_structures"] == record.pruned_structures
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize(("family", "attn"), with_attention(FAMILIES))
 def test_reloaded_in_bfloat16_generates_like_the_saved_model(tmp_path, tokenizer, family, attn):
     """fp32 save, bf16 reload with either attention: plain transformers and load_pruned agree token for token."""
-    if attn == "sdpa" and family in EAGER_ONLY:
-        pytest.skip(f"transformers has no SDPA attention for {family}")
     _, compact, _, _, record = _pruned(family)
     folder = save_pruned(compact, tokenizer, tmp_path / "m", record)
     ids = random_ids(1, 6, 2)
