@@ -275,6 +275,11 @@ TOKENS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 EAGER_ONLY = {"gemma2"}
 
 
+def with_attention(families) -> list[tuple[str, str]]:
+    """(family, attention) cases: eager for every family, SDPA where transformers has it (none is a skip)."""
+    return [(family, attn) for family in families for attn in ("eager", "sdpa") if attn == "eager" or family not in EAGER_ONLY]
+
+
 def tiny_config(family: str = "llama", layers: int = 3, attn: str = "eager", **overrides):
     """The config of a tiny ``family`` model, built the way transformers reads a published config.json."""
     fields = {**FAMILIES[family], **SIZES, **TOKENS, "num_hidden_layers": layers, **overrides}

@@ -1,9 +1,8 @@
 """Forward hooks that accumulate ``ChannelStats`` of chosen modules' inputs, skipping padding tokens.
 
 ``InputStatsRecorder`` hooks any set of modules (``{"model.layers.3.mlp.down_proj": module}``); the
-code that drives the forward passes tells it which tokens are real through ``token_mask``. The
-one-pass helper ``collect_input_statistics`` runs the whole model over a calibration set; the
-sequential engine (``gisp_plugin.calibration.sequential``) uses the same recorder one layer at a time.
+code that drives the forward passes tells it which tokens are real through ``token_mask``; the
+sequential engine (``gisp_plugin.calibration.sequential``) drives it one layer at a time.
 """
 
 from __future__ import annotations
@@ -106,27 +105,3 @@ def batch_size_for(calibration: CalibrationSet, batch_size: int) -> int:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return min(batch_size, len(calibration))
-
-
-@torch.no_grad()
-def collect_input_statistics(
-    model: nn.Module,
-    calibration: CalibrationSet,
-    module_paths: list[str],
-    batch_size: int = 8,
-    pad_token_id: int = 0,
-) -> dict[str, ChannelStats]:
-    """Input statistics of ``module_paths`` over the calibration set, from full forward passes.
-
-    Every layer sees the outputs of the model as it is now (dense, or masked if masks are applied).
-    This holds nothing but the statistics between batches; it is the simple reference the
-    sequential engine must agree with when it propagates dense outputs.
-    """
-    device = next(model.parameters()).device
-    modules = {path: model.get_submodule(path) for path in module_paths}
-    with InputStatsRecorder(modules) as recorder:
-        for batch in calibration.batches(batch_size_for(calibration, batch_size), pad_token_id):
-            batch = batch.to(device)
-            recorder.token_mask = batch.attention_mask.bool()
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return recorder.stats

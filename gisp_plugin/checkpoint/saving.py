@@ -26,7 +26,7 @@ from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
 from gisp_plugin.deploy.model_card import write_model_card
 from gisp_plugin.distributed.context import DistributedSetup
 from gisp_plugin.inputs import check_device
-from gisp_plugin.models.loading import ModelLoadError, check_loading_info, check_weights, parse_dtype
+from gisp_plugin.models.weights import ModelLoadError, check_loading_info, check_weights, parse_dtype
 
 RECORD_FILE = "pruning.json"
 RECORD_FORMAT = "gisp-pruned/2"

@@ -42,12 +42,12 @@ COMMANDS = (
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a two-line error (what was wrong, where the usage is) instead of the whole usage."""
+    """argparse with a one-line error (what was wrong, where the usage is) instead of the whole usage."""
 
     def error(self, message: str) -> NoReturn:
         if launch_rank() != 0:  # under torchrun every rank parses the same command line: rank 0 says it once
             self.exit(2)
-        self.exit(2, f"{self.prog}: error: {message}\n(see `{self.prog} --help`)\n")
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 EXIT_BAD_INPUT = 2

@@ -27,9 +27,12 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 def parse_sparsities(text: str) -> list[float]:
     """``"0.2,0.3,0.5"`` -> ``[0.2, 0.3, 0.5]`` (the range is checked with the method's reach)."""
     try:
-        return [float(part) for part in text.split(",") if part.strip()]
+        values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"sparsity list {text!r} must be numbers like 0.2,0.3,0.5") from err
+    if not values:
+        raise argparse.ArgumentTypeError(f"sparsity list {text!r} names no target; give numbers like 0.2,0.3,0.5")
+    return values
 
 
 def parse_shape(text: str) -> str:

@@ -33,7 +33,7 @@ from gisp_plugin.data.api import CalibrationSet
 from gisp_plugin.distributed.context import DistributedSetup, current_setup, shard_range
 from gisp_plugin.distributed.data_parallel import rank_share
 from gisp_plugin.finite import NonFiniteError
-from gisp_plugin.importance.gradients import (
+from gisp_plugin.importance.gradient_sums import (
     GradientSums,
     Objective,
     activation_checkpointing,

@@ -138,17 +138,3 @@ def step_cuts(step: int, start: float, end: float, targets: tuple[float, ...]) -
     if not inside or abs(inside[-1] - end) > 1e-12:
         cuts.append(Cut(step, end, None))
     return cuts
-
-
-def plan_cuts(targets: tuple[float, ...], steps: int, schedule: str = "linear", alpha: float = 3.0) -> list[Cut]:
-    """Every cut of a fixed schedule, in order."""
-    plan = Schedule(schedule, steps, max(targets), alpha)
-    if not plan.fixed:
-        raise ValueError(f"schedule={schedule!r} decides its cuts during the run")
-    cuts: list[Cut] = []
-    start = 0.0
-    for step in range(steps):
-        end = plan.end(step, start, [])
-        cuts += step_cuts(step, start, end, targets)
-        start = end
-    return cuts

@@ -5,11 +5,11 @@ import torch
 
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.anatomy.structures import KeepMask
-from gisp_plugin.calibration.recorder import collect_input_statistics
 from gisp_plugin.calibration.sequential import SequentialCalibration, capture_layer_inputs
 from gisp_plugin.data.api import CalibrationSet
 from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import EAGER_ONLY, tiny_model
+from tests.calibration.full_passes import collect_input_statistics
+from tests.tiny import SEPARATE_FAMILIES, tiny_model, with_attention
 
 MODULES = ("self_attn.o_proj", "mlp.down_proj")
 
@@ -30,10 +30,8 @@ def assert_same_stats(got, expected):
     torch.testing.assert_close(got.squared_norm, expected.squared_norm, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize(("family", "attn"), with_attention(SEPARATE_FAMILIES))
 def test_dense_propagation_equals_full_passes_with_padding(family, attn):
-    if attn == "sdpa" and family in EAGER_ONLY:
-        pytest.skip(f"transformers has no SDPA attention for {family}")
     model = tiny_model(family, attn=attn)
     calibration = ragged_calibration()
     expected = collect_input_statistics(model, calibration, full_paths(model, range(3)), batch_size=2)

@@ -1,6 +1,7 @@
 """`gisp prune --out`: another run's folder is refused, --overwrite replaces it whole, the same run resumes."""
 
 import json
+import logging
 
 import pytest
 
@@ -9,12 +10,17 @@ from tests.tiny import tiny_folder
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    return tiny_folder(tmp_path_factory.mktemp("run-folder"), "llama", tokenizer)[0]
+def folders(tmp_path_factory, tokenizer):
+    return tiny_folder(tmp_path_factory.mktemp("run-folder"), "llama", tokenizer)  # model folder, text file
 
 
-def prune(model_dir, out, sparsity, *extra) -> list[str]:
-    return ["prune", "--model", str(model_dir), "--method", "magnitude", "--sparsity", sparsity, "--out", str(out), *extra]
+@pytest.fixture(scope="module")
+def model_dir(folders):
+    return folders[0]
+
+
+def prune(model_dir, out, sparsity, *extra, method: str = "magnitude") -> list[str]:
+    return ["prune", "--model", str(model_dir), "--method", method, "--sparsity", sparsity, "--out", str(out), *extra]
 
 
 def snapshot(folder) -> dict[str, bytes]:
@@ -42,15 +48,56 @@ def test_overwrite_replaces_the_folder_whole(model_dir, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or replaced folder left beside it
 
 
-def test_the_same_run_again_resumes_in_place(model_dir, tmp_path):
+class GispSteps(logging.Handler):
+    """The GISP steps a run computes (its ``gisp step k/N`` lines); with ``stop_after``, a Ctrl-C right after
+    that step is computed and its state saved, as a user interrupting the run there would give."""
+
+    def __init__(self, stop_after: int | None = None) -> None:
+        super().__init__(logging.DEBUG)
+        self.stop_after, self.computed, self.resumed = stop_after, [], []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("gisp: resuming from"):
+            self.resumed.append(message)
+        if message.startswith("gisp step "):
+            self.computed.append(int(message.split()[2].split("/")[0]))
+            if self.computed[-1] == self.stop_after:
+                raise KeyboardInterrupt
+
+
+def gisp_run(model_dir, text, out, steps: GispSteps) -> int:
+    """``gisp prune`` with GISP (4 gradient steps, two targets) into ``out``, its computed steps in ``steps``."""
+    logger = logging.getLogger("gisp_plugin.methods.gisp")
+    logger.addHandler(steps)
+    try:
+        return main(["-v", *prune(model_dir, out, "0.2,0.4", method="gisp"), "-o", "steps=4",
+                     "--calibration", f"file:{text}", "--n-samples", "2", "--seqlen", "16"])  # fmt: skip
+    finally:
+        logger.removeHandler(steps)
+
+
+def test_the_same_run_again_resumes_in_place(folders, tmp_path):
+    model_dir, text = folders
+    whole = GispSteps()
+    assert gisp_run(model_dir, text, tmp_path / "whole", whole) == 0
+    assert whole.computed == [1, 2, 3, 4] and not whole.resumed
+
     out = tmp_path / "out"
-    assert main(prune(model_dir, out, "0.2")) == 0
-    records = (out / "magnitude-s0.20" / "pruning.json").read_text()
-    assert main(prune(model_dir, out, "0.2")) == 0
-    assert (
-        json.loads((out / "magnitude-s0.20" / "pruning.json").read_text())["pruned_structures"]
-        == (json.loads(records)["pruned_structures"])
-    )
+    first = GispSteps(stop_after=2)
+    assert gisp_run(model_dir, text, out, first) == 130  # interrupted after step 2 of 4
+    assert first.computed == [1, 2] and (out / ".work" / "gisp-state.json").exists()
+    again = GispSteps()
+    assert gisp_run(model_dir, text, out, again) == 0
+    assert again.resumed == [f"gisp: resuming from {out / '.work'} after 2 of 4 steps"]
+    assert again.computed == [3, 4]  # the saved steps were read, not redone
+    for target in ("0.20", "0.40"):  # and the resumed run reached what the uninterrupted one did
+        resumed = json.loads((out / f"gisp-s{target}" / "pruning.json").read_text())
+        reference = json.loads((tmp_path / "whole" / f"gisp-s{target}" / "pruning.json").read_text())
+        assert resumed["pruned_structures"] == reference["pruned_structures"]
+    finished = GispSteps()
+    assert gisp_run(model_dir, text, out, finished) == 0  # a finished run, run again, computes nothing
+    assert finished.computed == []
 
 
 def test_a_folder_of_other_files_is_refused_even_with_overwrite(model_dir, tmp_path, capsys):
@@ -68,3 +115,20 @@ def test_a_run_that_fails_before_any_result_leaves_no_folder(model_dir, tmp_path
     assert main(prune(model_dir, out, "0.9995")) == 2  # above what the layers can give: known only with the model
     assert "above what the prunable layers can give" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_failing_overwrite_keeps_the_old_run(folders, tmp_path):
+    model_dir, text = folders
+    out = tmp_path / "out"
+    assert main(prune(model_dir, out, "0.2")) == 0
+    before = snapshot(out)
+    stopped = GispSteps(stop_after=1)  # the new run stops after its first step has written state
+    logger = logging.getLogger("gisp_plugin.methods.gisp")
+    logger.addHandler(stopped)
+    try:
+        argv = [*prune(model_dir, out, "0.2,0.4", "--overwrite", method="gisp"), "-o", "steps=4"]
+        code = main(["-v", *argv, "--calibration", f"file:{text}", "--n-samples", "2", "--seqlen", "16"])
+    finally:
+        logger.removeHandler(stopped)
+    assert code == 130 and stopped.computed == [1]
+    assert snapshot(out) == before  # the old run, byte for byte

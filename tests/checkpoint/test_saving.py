@@ -1,7 +1,9 @@
 """Saved pruned models reload exactly, with this package and with plain transformers."""
 
+import errno
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.checkpoint.saving import CheckpointError, load_pruned, read_record, save_pruned
 from gisp_plugin.checkpoint.trajectory import NotNestedError, Trajectory
 from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import EAGER_ONLY, FAMILIES, random_ids, random_keep, record_for, tiny_model
+from tests.tiny import FAMILIES, random_ids, random_keep, record_for, tiny_model, with_attention
 
 
 def _pruned(family: str, seed: int = 0):
@@ -48,12 +50,9 @@ def test_reload_equals_saved(tmp_path, tokenizer, family):
     assert read_record(folder)["pruned_structures"] == record.pruned_structures
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize(("family", "attn"), with_attention(FAMILIES))
 def test_reloaded_in_bfloat16_generates_like_the_saved_model(tmp_path, tokenizer, family, attn):
     """fp32 save, bf16 reload with either attention: plain transformers and load_pruned agree token for token."""
-    if attn == "sdpa" and family in EAGER_ONLY:
-        pytest.skip(f"transformers has no SDPA attention for {family}")
     _, compact, _, _, record = _pruned(family)
     folder = save_pruned(compact, tokenizer, tmp_path / "m", record)
     ids = random_ids(1, 6, 2)
@@ -90,11 +89,29 @@ def test_errors_for_missing_foreign_and_corrupt_folders(tmp_path, tokenizer):
         load_pruned(folder)
 
 
+class DiskFillsUp:
+    """A tokenizer whose files fill the disk: it writes them, then fails as a full disk does (after the
+    weights, before the record and the model card)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def save_pretrained(self, folder) -> None:
+        self.tokenizer.save_pretrained(folder)
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+
+
 def test_save_replaces_atomically_and_leaves_no_partial(tmp_path, tokenizer):
     _, compact, _, _, record = _pruned("qwen2")
     save_pruned(compact, tokenizer, tmp_path / "m", record)
-    save_pruned(compact, tokenizer, tmp_path / "m", record)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    with pytest.raises(OSError, match="No space left on device"):
+        save_pruned(compact, DiskFillsUp(tokenizer), tmp_path / "m", replace(record, method="other"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no partial folder beside it
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before  # the old one whole
+    save_pruned(compact, tokenizer, tmp_path / "m", replace(record, method="other"))  # a save that completes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert json.loads((tmp_path / "m" / "pruning.json").read_text())["method"] == "other"
 
 
 def test_trajectory_rebuilds_every_step_from_the_dense_model(tmp_path):

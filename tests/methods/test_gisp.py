@@ -16,7 +16,6 @@ from gisp_plugin.importance.gradients import NonFiniteError
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.methods import gisp
 from gisp_plugin.methods.gisp import GispOptions, protected_layers, step_scores
-from gisp_plugin.methods.gisp_schedules import Cut, plan_cuts
 from gisp_plugin.methods.options import OptionError
 from gisp_plugin.pruning import TargetError, resolve_method, run_method
 from tests.tiny import random_ids, tiny_model
@@ -173,10 +172,17 @@ def test_protected_layers_are_never_pruned(protect):
             next(run_method(model, None, "gisp", [0.7], {"protect": protect}, calibration_set()))
 
 
-def test_plan_inserts_every_target_and_one_shot_is_one_step():
-    assert plan_cuts((0.3, 0.4, 0.5), 1) == [Cut(0, 0.3, 0.3), Cut(0, 0.4, 0.4), Cut(0, 0.5, 0.5)]
-    cuts = plan_cuts((0.3, 0.4, 0.5), 4)
-    assert [(c.step, c.sparsity, c.target) for c in cuts] == [
+def _cuts(targets, steps, schedule="linear") -> list[tuple[int, float, float | None]]:
+    """(gradient step, scheduled sparsity, target) of every cut a GISP run makes, read from its trajectory."""
+    trajectory = Trajectory()
+    options = {"steps": str(steps), "protect": "none", "schedule": schedule}
+    list(run_method(tiny_model("llama", layers=4), None, "gisp", targets, options, calibration_set(), trajectory=trajectory))
+    return [(s["gradient_step"], round(s["scheduled"], 12), s["target"]) for s in trajectory.steps]
+
+
+def test_a_run_cuts_at_every_target_and_one_shot_is_one_step():
+    assert _cuts([0.3, 0.4, 0.5], 1) == [(0, 0.3, 0.3), (0, 0.4, 0.4), (0, 0.5, 0.5)]
+    assert _cuts([0.3, 0.4, 0.5], 4) == [
         (0, 0.125, None),
         (1, 0.25, None),
         (2, 0.3, 0.3),
@@ -184,8 +190,11 @@ def test_plan_inserts_every_target_and_one_shot_is_one_step():
         (3, 0.4, 0.4),
         (3, 0.5, 0.5),
     ]
-    assert [c.target for c in plan_cuts((0.25, 0.5), 4) if c.target] == [0.25, 0.5]  # on a step end: no duplicate
-    assert len(plan_cuts((0.25, 0.5), 4)) == 4
+    cuts = _cuts([0.25, 0.5], 4)
+    assert [c[2] for c in cuts if c[2]] == [0.25, 0.5] and len(cuts) == 4  # a target on a step end: no duplicate
+    cosine = _cuts([0.3, 0.4, 0.5], 4, "cosine")  # cosine ends ~0.073, 0.25, 0.427, 0.5
+    assert [(step, target) for step, _, target in cosine if target] == [(2, 0.3), (2, 0.4), (3, 0.5)]
+    assert sorted(c[1] for c in cosine) == [c[1] for c in cosine]
 
 
 def test_schedule_hits_every_target_with_nested_subnetworks(family):

@@ -18,7 +18,7 @@ from gisp_plugin.importance.structure_scores import model_scores
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.methods import gisp
 from gisp_plugin.methods.gisp import GispOptions, max_sparsity, step_scores, structure_scores
-from gisp_plugin.methods.gisp_schedules import Schedule, adaptive_end, plan_cuts
+from gisp_plugin.methods.gisp_schedules import Schedule, adaptive_end
 from gisp_plugin.methods.options import OptionError
 from gisp_plugin.pruning import TargetError, resolve_method, run_method
 from tests.baselines.independent import calibration_ids, gradients, taylor_channels, taylor_head_groups
@@ -183,11 +183,6 @@ def test_fixed_schedule_points():
     convex = [Schedule("exponential", steps, top, alpha=-2.0).end(i, 0.0, []) for i in range(steps)]
     assert convex[0] < top / 4 < ends["exponential"][0]  # alpha < 0: small steps first
     assert ends["cosine"][-1] == ends["exponential"][-1] == top
-    cuts = plan_cuts((0.3, 0.4, 0.5), 4, "cosine")
-    assert [(c.step, c.target) for c in cuts if c.target] == [(2, 0.3), (2, 0.4), (3, 0.5)]  # cosine ends ~0.073, 0.25, 0.427
-    assert sorted(c.sparsity for c in cuts) == [c.sparsity for c in cuts]
-    with pytest.raises(ValueError, match="decides its cuts during the run"):
-        plan_cuts((0.5,), 4, "adaptive")
 
 
 def test_adaptive_rule_by_hand():
