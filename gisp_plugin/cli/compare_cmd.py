@@ -13,7 +13,7 @@ from gisp_plugin.checkpoint.locking import hold_folder
 from gisp_plugin.cli.arguments import add_shape_argument, int_at_least
 from gisp_plugin.cli.console import quiet_libraries
 from gisp_plugin.distributed.context import is_main_process
-from gisp_plugin.harness.config import ComparisonConfig, ConfigError
+from gisp_plugin.harness.config import DEFAULT_METHODS, ComparisonConfig, ConfigError
 from gisp_plugin.harness.progress import ComparisonProgress
 from gisp_plugin.harness.report import markdown, write_outputs
 from gisp_plugin.harness.runner import run_comparison
@@ -25,12 +25,14 @@ log = logging.getLogger(__name__)
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "compare",
-        help="compare methods head to head (no arguments: SmolLM2-135M, all methods, offline data)",
+        help="compare methods head to head (no arguments: SmolLM2-135M, the default methods, offline data)",
         description="Every flag overrides the same key of --config; keys not given keep the built-in defaults.",
     )
     parser.add_argument("--config", type=Path, help="YAML, TOML or JSON file holding the whole comparison")
     parser.add_argument("--model", help="hub id, local folder or smollm2-135m")
-    parser.add_argument("--methods", help="comma list (default: every registered method)")
+    parser.add_argument(
+        "--methods", help=f"comma list, or 'all' for every registered method (default: {','.join(DEFAULT_METHODS)})"
+    )
     parser.add_argument("--sparsity", dest="sparsities", help="comma list of targets, e.g. 0.2,0.3,0.5")
     parser.add_argument(
         "--eval", dest="evals", action="append", help="evaluation spec (repeatable), e.g. lm_eval:tasks=boolq+piqa"
@@ -70,7 +72,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace) -> ComparisonConfig:
     if args.methods is not None and not args.methods.replace(",", "").strip():
-        raise ConfigError("--methods names no method; leave it out to compare every registered method")
+        raise ConfigError("--methods names no method; leave it out for the default methods, or give 'all'")
     config = ComparisonConfig.from_file(args.config) if args.config else ComparisonConfig()
     overrides = {
         key: getattr(args, key)

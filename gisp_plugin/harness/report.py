@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,7 +79,7 @@ def markdown(result: ComparisonResult) -> str:
         out.append(f"- `{spec}`: " + _eval_note(details))
     out.append("")
     for metric in headline_metrics(rows):
-        out += [f"## {metric}", "", *_pivot(rows, metric), ""]
+        out += [f"## {metric}", "", *_pivot(rows, metric), "", resolution_line(rows, metric), ""]
     out += ["## Achieved sparsity", "", "| method | target | achieved |", "|---|---|---|"]
     out += [f"| {r.method} | {r.target:.2f} | {r.sparsity:.4f} |" for r in rows if r.target > 0]
     out.append("")
@@ -121,28 +122,140 @@ def write_csv(rows: list[Row], path: Path) -> None:
             writer.writerow([r.method, r.target, f"{r.sparsity:.6f}", *(r.metrics.get(m, "") for m in metrics)])
 
 
+def _separated(metric: str, a: dict[str, float], b: dict[str, float]) -> bool | None:
+    """Whether two rows differ in ``metric`` by more than 2 combined standard errors (None: an error is
+    missing). Perplexity is compared on the log scale, where its error was measured (mean window NLL)."""
+    va, vb = a.get(metric), b.get(metric)
+    sa, sb = a.get(stderr_name(metric)), b.get(stderr_name(metric))
+    if None in (va, vb, sa, sb) or not all(math.isfinite(x) for x in (va, vb, sa, sb)):
+        return None
+    if metric.startswith("ppl["):
+        if va <= 0 or vb <= 0:
+            return None
+        return abs(math.log(va) - math.log(vb)) > 2 * math.hypot(sa / va, sb / vb)
+    return abs(va - vb) > 2 * math.hypot(sa, sb)
+
+
+def resolution_line(rows: list[Row], metric: str) -> str:
+    """Which methods this run cannot tell apart in ``metric``: the pairs, at one target, whose difference is
+    within 2 combined standard errors (sqrt(se_a^2 + se_b^2)); every other pair is separated."""
+    close: list[str] = []
+    for target in sorted({r.target for r in rows if r.target > 0}):
+        at = [r for r in rows if r.target == target and r.method != "dense"]
+        pairs = [
+            f"{a.method}~{b.method}"
+            for i, a in enumerate(at)
+            for b in at[i + 1 :]
+            if _separated(metric, a.metrics, b.metrics) is False
+        ]
+        if pairs:
+            close.append(f"at {target:.0%}: {', '.join(pairs)}")
+    if not close:
+        return "Every pair of methods at one target differs by more than 2 standard errors."
+    return (
+        "Not separated (difference within 2 combined standard errors; read these as ties) "
+        + "; ".join(close)
+        + ". Every other pair at one target differs by more than 2 standard errors."
+    )
+
+
+def _floors(worst: dict[str, float]) -> set[str]:
+    """Methods whose worst perplexity is more than 10x the median method's worst: drawn off-scale."""
+    values = sorted(worst.values())
+    if len(values) < 3:
+        return set()
+    half = len(values) // 2
+    median = values[half] if len(values) % 2 else (values[half - 1] + values[half]) / 2
+    return {m for m, v in worst.items() if v > 10 * median}
+
+
 def plot_metric(rows: list[Row], dense: Row | None, metric: str, path: Path, title: str | None = None) -> Path:
-    """``metric`` against achieved sparsity, one line per method (first-seen order), ``dense`` at 0; log
-    scale for perplexity."""
+    """``metric`` against achieved sparsity, one line per method (first-seen order) with its standard
+    error as error bars, ``dense`` at 0.
+
+    Perplexity is drawn on a log scale clipped to the methods that compete: a method whose worst value is
+    more than 10x the median method's worst (a floor such as magnitude, at ~10^6) would squash the others
+    into the bottom of the axis, so its points above the axis are listed at the top edge under an arrow.
+    Methods are nudged apart along x by a fraction of a percent so that equal values stay visible.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in _method_order(rows):
-        points = sorted((r.sparsity, r.metrics[metric]) for r in rows if r.method == method and metric in r.metrics)
-        if dense is not None and metric in dense.metrics:
-            points = [(0.0, dense.metrics[metric]), *points]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+    error = stderr_name(metric)
+    series = {
+        method: sorted(
+            (r.sparsity, r.metrics[metric], r.metrics.get(error) or 0.0)
+            for r in rows
+            if r.method == method and metric in r.metrics
+        )
+        for method in _method_order(rows)
+    }
+    series = {method: points for method, points in series.items() if points}
+    start = dense.metrics[metric] if dense is not None and metric in dense.metrics else None
+    log_scale = metric.startswith("ppl[")
+    floors = _floors({m: max(p[1] for p in pts) for m, pts in series.items()}) if log_scale else set()
+    top = None
+    if floors:
+        top = 6 * max(v + e for m, pts in series.items() if m not in floors for _, v, e in pts)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if start is not None:
+        ax.errorbar(
+            [0.0],
+            [start],
+            yerr=[dense.metrics.get(error) or 0.0],
+            color="black",
+            marker="*",
+            markersize=10,
+            capsize=3,
+            linestyle="none",
+            label="dense",
+            zorder=3,
+        )
+    markers = "osD^vP*Xhp<>"
+    spread = 0.004
+    off_scale: dict[float, list[str]] = {}
+    for i, (method, points) in enumerate(series.items()):
+        dx = (i - (len(series) - 1) / 2) * spread
+        shown = [(x + dx, v, e) for x, v, e in points if top is None or v <= top]
+        if start is not None:
+            shown = [(0.0, start, 0.0), *shown]
+        ax.errorbar(
+            [p[0] for p in shown],
+            [p[1] for p in shown],
+            yerr=[p[2] for p in shown],
+            marker=markers[i % len(markers)],
+            capsize=3,
+            label=f"{method} (off scale)" if method in floors else method,
+            linestyle="--" if method in floors else "-",
+        )
+        for x, v, _ in points:
+            if top is not None and v > top:
+                off_scale.setdefault(round(x, 2), []).append(f"{method} {v:.3g}")
+    for x, labels in off_scale.items():
+        ax.annotate(
+            "off scale:\n" + "\n".join(labels),
+            xy=(x, top),
+            xytext=(x, top / 1.6),
+            ha="center",
+            va="top",
+            fontsize=7,
+            arrowprops={"arrowstyle": "->", "color": "gray"},
+        )
     ax.set_xlabel("sparsity (decoder parameters removed)")
     ax.set_ylabel(metric)
-    if metric.startswith("ppl["):
+    if log_scale:
         ax.set_yscale("log")
+    if top is not None:
+        ax.set_ylim(top=top)
     if title:
         ax.set_title(title, fontsize=10)
+    elif top is not None:
+        ax.set_title("arrows: values above the axis; bars: 1 standard error", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -49,7 +49,7 @@ from gisp_plugin.export.api import ExportOptions
 from gisp_plugin.export.native import saved_form
 from gisp_plugin.export.run import export_beside
 from gisp_plugin.harness.cache import ResultCache
-from gisp_plugin.harness.config import ComparisonConfig, ConfigError
+from gisp_plugin.harness.config import ALL_METHODS, DEFAULT_METHODS, ComparisonConfig, ConfigError
 from gisp_plugin.harness.memory import PeakMemory
 from gisp_plugin.harness.progress import ComparisonProgress
 from gisp_plugin.harness.report import row_line
@@ -122,7 +122,12 @@ def check_results_folder(out: Path, config: ComparisonConfig) -> None:
 def resolve_methods(config: ComparisonConfig) -> dict[str, Any]:
     """Method name -> parsed options, checked before any work starts."""
     available = list(registered("method"))
-    names = config.methods or available
+    if config.methods == [ALL_METHODS]:
+        names = available
+    elif config.methods:
+        names = config.methods
+    else:  # the curated default; one whose plugin is not installed is left out
+        names = [name for name in DEFAULT_METHODS if name in available]
     unknown = sorted(set(config.method_options) - set(available))
     if unknown:
         raise ConfigError(f"options given for unknown method {unknown[0]!r}; available: {', '.join(available)}")
@@ -177,7 +182,7 @@ class Comparison:
 
     def _keep_applicable_methods(self) -> None:
         """Every named method must apply to the model (REAP needs routed experts); when no method is named,
-        the registered ones that do not apply are left out, with a log line."""
+        the default or ``all`` ones that do not apply are left out, with a log line."""
         anatomy = adapter_for(self.model).anatomy(self.model)
         for name, parsed in list(self.methods.items()):
             spec = resolve_method(name, self.config.method_options.get(name, {}))[0]
@@ -190,7 +195,7 @@ class Comparison:
                 if spec.max_sparsity is not None:
                     spec.max_sparsity(anatomy, parsed)
             except ValueError as err:
-                if self.config.methods:
+                if self.config.methods and self.config.methods != [ALL_METHODS]:
                     raise ConfigError(f"method {name!r} does not apply to {self.config.model!r}: {err}") from None
                 log.info("leaving out %s: %s", name, err)
                 del self.methods[name]
