@@ -41,7 +41,8 @@ def blockpruner_by_brute_force(model, calibration, steps: int, block_type: str =
     )
     removed: list[tuple[str, int]] = []
     for _ in range(steps):
-        tried = [(perplexity_by_hand(zeroed(model, [*removed, b]), calibration), n, b) for n, b in enumerate(blocks) if b not in removed]
+        left = [(n, b) for n, b in enumerate(blocks) if b not in removed]
+        tried = [(perplexity_by_hand(zeroed(model, [*removed, b]), calibration), n, b) for n, b in left]
         removed.append(min(tried)[2])  # lowest perplexity, then the earlier candidate
     return [f"{name}:{layer}" for name, layer in removed]
 
