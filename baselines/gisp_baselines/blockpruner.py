@@ -12,7 +12,7 @@ gone is removed as a whole (the ``"layer"`` kind), so the compacted model leaves
 
 A target is a parameter sparsity (method.md): the number of blocks removed is the one whose removal lands
 closest to it (ties: fewer). The subnetworks are nested and ``job.trajectory`` records one step per
-removed block with the perplexity that chose it.
+removed block with the perplexity that chose it and that of every candidate tried (``tried``).
 
 Options:
 
@@ -133,7 +133,8 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
     for count in range(1, max(counts) + 1):  # one trajectory step per removed block, in removal order
         keep = without_blocks(job.anatomy, order[:count])
         step = steps[count - 1]
-        job.trajectory.record(keep, job.anatomy.sparsity(keep), removed_block=_label(step.removed), perplexity=step.perplexity)
+        sparsity = job.anatomy.sparsity(keep)
+        job.trajectory.record(keep, sparsity, removed_block=_label(step.removed), perplexity=step.perplexity, tried=step.tried)
     for target, count in zip(job.targets, counts, strict=True):
         keep = without_blocks(job.anatomy, order[:count])
         job.masked.apply(keep)

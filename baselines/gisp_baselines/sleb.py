@@ -9,7 +9,8 @@ similarity ranking, each choice sees the model as the earlier removals left it. 
 
 A target is a parameter sparsity (method.md): the number of layers removed is the one whose removal lands
 closest to it (ties: fewer), always keeping at least one layer. The subnetworks are nested, and
-``job.trajectory`` records one step per removed layer with the perplexity that chose it.
+``job.trajectory`` records one step per removed layer with the perplexity that chose it and the perplexity
+of every candidate tried (``tried``).
 
 Options:
 
@@ -92,7 +93,8 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
     for count in range(1, max(counts) + 1):  # one trajectory step per removed layer, in removal order
         keep = without_layers(job.anatomy, order[:count])
         step = steps[count - 1]
-        job.trajectory.record(keep, job.anatomy.sparsity(keep), removed_layer=step.removed, perplexity=step.perplexity)
+        sparsity = job.anatomy.sparsity(keep)
+        job.trajectory.record(keep, sparsity, removed_layer=step.removed, perplexity=step.perplexity, tried=step.tried)
     for target, count in zip(job.targets, counts, strict=True):
         keep = without_layers(job.anatomy, order[:count])
         job.masked.apply(keep)

@@ -6,7 +6,7 @@ values as ``{tensor path: dense-shaped tensor}`` (``Subnetwork.updated_weights``
 ``model.layers.3.mlp.down_proj.weight``). ``WeightSwap`` writes them into the model's dense (unmasked)
 tensors in place and remembers the values they replaced, so the masked model computes the pruned and
 compensated network and ``restore`` gives the dense model back bit for bit; compaction runs inside one and
-cuts the updated tensors like any other.
+cuts the updated tensors like any other. The replaced values wait in CPU memory, not on the accelerator.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class WeightSwap:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.saved: dict[str, torch.Tensor] = {}  # path -> the value it had before the first update
+        self.saved: dict[str, torch.Tensor] = {}  # path -> the value it had before the first update (on the CPU)
+        self._written: dict[str, torch.Tensor] = {}  # path -> the update it holds now
 
     @property
     def paths(self) -> list[str]:
@@ -52,11 +53,15 @@ class WeightSwap:
                 raise ValueError(f"updated weight {path} has shape {tuple(value.shape)}, the model's is {tuple(tensor.shape)}")
         for path in [p for p in self.saved if p not in updates]:
             _target(self.model, path).copy_(self.saved.pop(path))
+            del self._written[path]
         for path, value in updates.items():
+            if self._written.get(path) is value:  # a sequential method names every earlier layer's update again
+                continue
             tensor = _target(self.model, path)
             if path not in self.saved:
-                self.saved[path] = tensor.detach().clone()
+                self.saved[path] = tensor.detach().to("cpu", copy=True)
             tensor.copy_(value.to(device=tensor.device, dtype=tensor.dtype))
+            self._written[path] = value
 
     def restore(self) -> None:
         """Give every updated tensor back its value from before."""

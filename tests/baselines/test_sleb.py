@@ -32,14 +32,17 @@ def perplexity_by_hand(model, calibration: CalibrationSet) -> float:
     return math.exp(nll / tokens)
 
 
-def sleb_by_brute_force(model, calibration: CalibrationSet, steps: int, early: int, latter: int) -> list[int]:
+def sleb_by_brute_force(model, calibration: CalibrationSet, steps: int, early: int, latter: int) -> tuple[list[int], list[dict]]:
+    """The layers removed, in order, and at each step the perplexity without each allowed layer."""
     removed: list[int] = []
+    every: list[dict] = []
     for _ in range(steps):
         alive = [i for i in range(len(model.model.layers)) if i not in removed]
         allowed = alive[early : len(alive) - latter]
         tried = {layer: perplexity_by_hand(deleted(model, [*removed, layer]), calibration) for layer in allowed}
         removed.append(min(allowed, key=lambda layer: (tried[layer], layer)))
-    return removed
+        every.append(tried)
+    return removed, every
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe"])
@@ -69,13 +72,14 @@ def test_sleb_removes_the_layers_brute_force_perplexity_chooses(early, latter):
     trajectory = Trajectory()
     # three of six equal layers: 0.5 exactly
     (subnetwork,) = run_method(model, None, "sleb", [0.5], options, calibration, trajectory=trajectory)
-    expected = sleb_by_brute_force(model, calibration, 3, early, latter)
+    expected, tried = sleb_by_brute_force(model, calibration, 3, early, latter)
     assert subnetwork.info["removal_order"] == expected
     assert subnetwork.keep.removed_layers() == sorted(expected)
     assert subnetwork.sparsity == pytest.approx(0.5)
     assert [step["removed_layer"] for step in trajectory.steps] == expected
-    for step, count in zip(trajectory.steps, range(1, 4), strict=True):
-        assert step["perplexity"] == pytest.approx(perplexity_by_hand(deleted(model, expected[:count]), calibration), rel=1e-5)
+    for step, by_hand, layer in zip(trajectory.steps, tried, expected, strict=True):
+        assert step["tried"] == pytest.approx({str(k): v for k, v in by_hand.items()}, rel=1e-5)  # float32 logits
+        assert step["perplexity"] == pytest.approx(by_hand[layer], rel=1e-5)
     compact, _ = compact_subnetwork(model, subnetwork)
     ids = random_ids(2, 9)
     with torch.no_grad():
