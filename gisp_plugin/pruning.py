@@ -30,6 +30,7 @@ from gisp_plugin.finite import check_finite_tensors, check_finite_weights
 from gisp_plugin.importance.shapes import check_shape, violation
 from gisp_plugin.inputs import check_int, check_seqlen, context_limit
 from gisp_plugin.masking.masked_model import MaskedModel
+from gisp_plugin.masking.updated_weights import updated_weights
 from gisp_plugin.methods.api import MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.methods.options import options_to_dict, parse_options
 from gisp_plugin.plugins.manager import lookup
@@ -216,6 +217,7 @@ def run_method(
             if abs(subnetwork.sparsity - subnetwork.target) > TARGET_SLACK:
                 log.warning("%s reached sparsity %.4f for target %.4f", method, subnetwork.sparsity, subnetwork.target)
             check_finite_tensors(subnetwork.extra_biases, f"{method} at target {subnetwork.target}: compensation bias")
+            check_finite_tensors(subnetwork.updated_weights, f"{method} at target {subnetwork.target}: updated weight")
             if subnetwork.elapsed_s is None:
                 subnetwork.elapsed_s = working
             yield subnetwork
@@ -231,16 +233,22 @@ def compact_subnetwork(
 ) -> tuple[PreTrainedModel | None, dict[str, int]]:
     """The physically smaller model for ``subnetwork`` and its parameter counts before and after.
 
+    Weights the method changed (``subnetwork.updated_weights``) are written into the dense tensors for
+    the cut and restored afterwards.
+
     ``pad_to`` > 1 rounds MLP widths up to a multiple with zero channels: identical outputs, and the
     matrix shapes GPUs run fast (counted parameters then include the padding). A model sharded with FSDP2
     is gathered layer by layer onto rank 0 (every rank must call this); the other ranks get ``(None, {})``.
     """
     if is_sharded(model):
+        if subnetwork.updated_weights:
+            raise ValueError("a subnetwork with updated weights (slimgpt) cannot be compacted from a sharded model; drop --fsdp")
         compact = compact_sharded(model, subnetwork.keep, subnetwork.extra_biases, pad_to)
         if compact is None:
             return None, {}
     else:
-        compact = adapter_for(model).compact(model, subnetwork.keep, subnetwork.extra_biases, pad_to)
+        with updated_weights(model, subnetwork.updated_weights):  # changed kept weights are cut like the others
+            compact = adapter_for(model).compact(model, subnetwork.keep, subnetwork.extra_biases, pad_to)
     before, after = count_params(model), count_params(compact)
     params = {
         "decoder_dense": before["decoder"],

@@ -44,10 +44,12 @@ class OnloadOptions:
             raise ValueError(f"option onload_device={self.onload_device!r} is not a device (auto, cpu, cuda, cuda:1)") from err
 
 
-def layer_walk(job: PruningJob, propagate: Propagation, batch_size: int, more_paths: Sequence[str] = ()) -> SequentialCalibration:
+def layer_walk(
+    job: PruningJob, propagate: Propagation, batch_size: int, more_paths: Sequence[str] = (), gram_paths: Sequence[str] = ()
+) -> SequentialCalibration:
     """Sequential calibration over the job's layers, recording the inputs of every output projection
-    and of ``more_paths`` (module paths relative to a decoder layer). Options derived from
-    ``OnloadOptions`` choose where the layers wait."""
+    and of ``more_paths`` (module paths relative to a decoder layer), and the input Gram matrices of
+    ``gram_paths``. Options derived from ``OnloadOptions`` choose where the layers wait."""
     if job.calibration is None:
         raise ValueError("this method needs calibration data; pass calibration= or a calibration source")
     paths = sorted({path for layer in job.anatomy.layers for path in output_projections(layer).values()} | set(more_paths))
@@ -62,6 +64,7 @@ def layer_walk(job: PruningJob, propagate: Propagation, batch_size: int, more_pa
         propagate=propagate,
         routed_paths=routed,
         placement=placement_for(job),
+        gram_paths=gram_paths,
     )
 
 

@@ -1,4 +1,5 @@
-"""Forward hooks that accumulate ``ChannelStats`` of chosen modules' inputs, skipping padding tokens.
+"""Forward hooks that accumulate ``ChannelStats`` (and, where asked, ``InputGram``) of chosen modules' inputs,
+skipping padding tokens.
 
 ``InputStatsRecorder`` hooks any set of modules (``{"model.layers.3.mlp.down_proj": module}``); the
 code that drives the forward passes tells it which tokens are real through ``token_mask``; the
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from gisp_plugin.calibration.statistics import ChannelStats, ExpertChannelStats
+from gisp_plugin.calibration.statistics import ChannelStats, ExpertChannelStats, InputGram
 from gisp_plugin.data.api import CalibrationSet
 from gisp_plugin.finite import NonFiniteError
 
@@ -26,12 +27,17 @@ class InputStatsRecorder:
     router weights): for them the statistics are those of each expert's down-projection input over the
     tokens routed to it (``ExpertChannelStats``), the inputs Wanda-sp and FLAP score inside experts.
 
+    Modules named in ``grams`` also accumulate the Gram matrix of their input over the real tokens
+    (``grams[name]``, an ``InputGram``): the layer-wise Hessian of the Optimal-Brain-Surgeon methods.
+
     Set ``token_mask`` (bool ``[batch, seq]``, True for real tokens) before each forward pass that
     carries padding; ``None`` counts every token. Use as a context manager, or call ``remove``.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], routed: Collection[str] = ()):
+    def __init__(self, modules: Mapping[str, nn.Module], routed: Collection[str] = (), grams: Collection[str] = ()):
         self.stats: dict[str, ChannelStats | ExpertChannelStats] = {}
+        self.grams: dict[str, InputGram] = {}
+        self._gram_names = frozenset(grams)
         self.token_mask: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = [
             module.register_forward_pre_hook(self._expert_hook(name) if name in routed else self._hook(name))
@@ -57,6 +63,11 @@ class InputStatsRecorder:
             if name not in self.stats:
                 self.stats[name] = ChannelStats(sequences.shape[-1], device=x.device)
             self.stats[name].update_sequences(sequences, None if mask is None or bool(mask.all()) else mask)
+            if name in self._gram_names:
+                if name not in self.grams:
+                    self.grams[name] = InputGram(sequences.shape[-1], device=x.device)
+                flat = sequences.reshape(-1, sequences.shape[-1])
+                self.grams[name].update(flat if mask is None else flat[mask.reshape(-1)])
 
         return hook
 

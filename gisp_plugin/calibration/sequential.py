@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from gisp_plugin.calibration.onloading import LayerPlacement
 from gisp_plugin.calibration.recorder import InputStatsRecorder, batch_size_for
-from gisp_plugin.calibration.statistics import ChannelStats
+from gisp_plugin.calibration.statistics import ChannelStats, InputGram
 from gisp_plugin.data.api import CalibrationSet
 from gisp_plugin.distributed.context import current_setup
 from gisp_plugin.distributed.data_parallel import merged_over_ranks, rank_share
@@ -147,12 +147,14 @@ def capture_layer_inputs(
 class LayerStatistics:
     """The statistics of one decoder layer's hooked modules, handed to the caller before propagation.
 
-    ``stats`` is keyed by module path relative to the layer (``"mlp.down_proj"``).
+    ``stats`` is keyed by module path relative to the layer (``"mlp.down_proj"``); ``grams`` holds the input
+    Gram matrices of the paths the walk was asked for (``gram_paths``).
     """
 
     index: int
     layer: nn.Module
     stats: dict[str, ChannelStats] = field(default_factory=dict)
+    grams: dict[str, InputGram] = field(default_factory=dict)
 
 
 def _output_hidden(output: Any) -> torch.Tensor:
@@ -163,7 +165,8 @@ class SequentialCalibration:
     """Iterate over decoder layers, yielding each layer's input statistics; see the module docstring.
 
     ``module_paths`` are relative to a decoder layer (``("self_attn.o_proj", "mlp.down_proj")``);
-    those also in ``routed_paths`` are stacked routed experts (see ``InputStatsRecorder``). With a
+    those also in ``routed_paths`` are stacked routed experts, those in ``gram_paths`` also accumulate their
+    input's Gram matrix (see ``InputStatsRecorder``). With a
     ``placement`` (``gisp_plugin.calibration.onloading``) the layers wait on CPU or disk and each is
     brought to the execution device for its turn only; the results are those of the in-memory walk.
     After iteration, ``peak_bytes`` is the largest number of activation bytes held at once (the
@@ -182,6 +185,7 @@ class SequentialCalibration:
         progress: bool = True,
         routed_paths: Sequence[str] = (),
         placement: LayerPlacement | None = None,
+        gram_paths: Sequence[str] = (),
     ):
         if propagate not in ("pruned", "dense"):
             raise ValueError(f"propagate must be 'pruned' or 'dense', got {propagate!r}")
@@ -190,6 +194,7 @@ class SequentialCalibration:
         self.calibration = calibration
         self.module_paths = tuple(module_paths)
         self.routed_paths = tuple(routed_paths)
+        self.gram_paths = tuple(gram_paths)
         self.batch_size = batch_size
         self.pad_token_id = pad_token_id
         self.propagate = propagate
@@ -225,9 +230,12 @@ class SequentialCalibration:
             layer = self.placement.onload(index) if self.placement is not None else self.layers[index]
             # a model may mix dense and mixture-of-experts layers: each layer records the paths it has
             modules = {path: layer.get_submodule(path) for path in self.module_paths if _has_submodule(layer, path)}
-            with torch.no_grad(), InputStatsRecorder(modules, self.routed_paths) as recorder:
+            with torch.no_grad(), InputStatsRecorder(modules, self.routed_paths, self.gram_paths) as recorder:
                 self._run_layer(inputs, index, replace=self.propagate == "dense", recorder=recorder)
-            yield LayerStatistics(index, layer, merged_over_ranks(recorder.stats, inputs.hidden[0].device, setup))
+            device = inputs.hidden[0].device
+            stats = merged_over_ranks(recorder.stats, device, setup)
+            grams = merged_over_ranks(recorder.grams, device, setup) if self.gram_paths else {}
+            yield LayerStatistics(index, layer, stats, grams)
             if self.propagate == "pruned" and index < len(self.layers) - 1:
                 with torch.no_grad():
                     self._run_layer(inputs, index, replace=True, recorder=None)

@@ -203,3 +203,33 @@ class ExpertChannelStats:
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for s in self.experts) + self.saliency_sum.numel() * 8
+
+
+class InputGram:
+    """``sum over tokens of x x^T`` of a ``[tokens, channels]`` stream (float64 ``[channels, channels]``).
+
+    The Hessian of a linear layer's squared output error is twice this matrix (SparseGPT, SlimGPT); a
+    sum, not a mean, so that batches and data-parallel ranks combine exactly with ``merge``.
+    """
+
+    def __init__(self, channels: int, device: torch.device | str | None = None):
+        self.n_tokens = 0
+        self.gram = torch.zeros(channels, channels, dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the tokens ``x`` shaped ``[tokens, channels]``."""
+        if x.dim() != 2 or x.shape[1] != self.gram.shape[0]:
+            raise ValueError(f"expected a [tokens, {self.gram.shape[0]}] tensor, got shape {tuple(x.shape)}")
+        values = x.detach().to(device=self.gram.device, dtype=torch.float64)
+        self.gram.addmm_(values.T, values)
+        self.n_tokens += values.shape[0]
+
+    def merge(self, other: InputGram) -> None:
+        """Fold another accumulator over the same channels into this one."""
+        if other.gram.shape != self.gram.shape:
+            raise ValueError(f"cannot merge a Gram matrix of {other.gram.shape[0]} channels into {self.gram.shape[0]}")
+        self.gram += other.gram.to(self.gram.device)
+        self.n_tokens += other.n_tokens
+
+    def nbytes(self) -> int:
+        return self.gram.numel() * self.gram.element_size()

@@ -144,12 +144,22 @@ def _subnetworks_to_json(subnetworks: list[Subnetwork], times: list[float]) -> l
     ]
 
 
-def _subnetworks_from_json(entries, anatomy, biases: dict[str, torch.Tensor]) -> list[Subnetwork]:
+def _subnetwork_tensors(subnetworks: list[Subnetwork]) -> dict[str, torch.Tensor]:
+    """The tensors of every subnetwork, by name: ``"{i}:{module}"`` an extra bias, ``"{i}:updated:{tensor}"`` an
+    updated weight of subnetwork ``i``."""
+    tensors = {f"{i}:{path}": b for i, s in enumerate(subnetworks) for path, b in s.extra_biases.items()}
+    tensors.update({f"{i}:updated:{path}": w for i, s in enumerate(subnetworks) for path, w in s.updated_weights.items()})
+    return tensors
+
+
+def _subnetworks_from_json(entries, anatomy, tensors: dict[str, torch.Tensor]) -> list[Subnetwork]:
     out = []
     for i, e in enumerate(entries):
-        prefix = f"{i}:"
-        extra = {name[len(prefix) :]: t for name, t in biases.items() if name.startswith(prefix)}
-        out.append(Subnetwork(e["target"], KeepMask.from_json(anatomy, e["keep"]), e["sparsity"], extra, e["info"]))
+        mine = {name.split(":", 1)[1]: t for name, t in tensors.items() if name.split(":", 1)[0] == str(i)}
+        extra = {name: t for name, t in mine.items() if not name.startswith("updated:")}
+        updated = {name.removeprefix("updated:"): t for name, t in mine.items() if name.startswith("updated:")}
+        keep = KeepMask.from_json(anatomy, e["keep"])
+        out.append(Subnetwork(e["target"], keep, e["sparsity"], extra, e["info"], updated_weights=updated))
     return out
 
 
@@ -305,8 +315,7 @@ class Comparison:
         cost = MethodCost(method, elapsed, elapsed / len(subnetworks), memory.peak_bytes, False)
         if not is_main_process():
             return subnetworks, cost
-        biases = {f"{i}:{path}": b for i, s in enumerate(subnetworks) for path, b in s.extra_biases.items()}
-        self.cache.put_tensors("prune", key, biases)
+        self.cache.put_tensors("prune", key, _subnetwork_tensors(subnetworks))
         self.cache.put(
             "prune",
             key,

@@ -1,7 +1,8 @@
-"""A dense model that temporarily computes a subnetwork: keep masks plus extra output biases.
+"""A dense model that temporarily computes a subnetwork: keep masks plus extra output biases and updated weights.
 
 Methods work on this view: they apply a ``KeepMask`` (and, like FLAP, biases added to output
-projections), measure the model, and move on; ``release`` gives the dense model back untouched.
+projections; like SlimGPT, new values of kept weights), measure the model, and move on; ``release``
+gives the dense model back untouched.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from torch.utils.hooks import RemovableHandle
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
 from gisp_plugin.masking.routing import RoutingMask
 from gisp_plugin.masking.sparsifier import StructureSparsifier
+from gisp_plugin.masking.updated_weights import WeightSwap
 
 
 class MaskedModel:
-    """Keep masks and extra biases on a live model, removable without a trace."""
+    """Keep masks, extra biases and updated weights on a live model, removable without a trace."""
 
     def __init__(self, model: nn.Module, anatomy: ModelAnatomy):
         self.model = model
@@ -26,14 +28,22 @@ class MaskedModel:
         self.routing = RoutingMask(model, anatomy)
         self.extra_biases: dict[str, torch.Tensor] = {}
         self._bias_hooks: list[RemovableHandle] = []
+        self.weights = WeightSwap(model)
 
     @property
     def keep(self) -> KeepMask:
         return self.sparsifier.keep
 
-    def apply(self, keep: KeepMask, extra_biases: dict[str, torch.Tensor] | None = None) -> None:
-        """Compute the subnetwork ``keep``; ``extra_biases`` maps module paths to added output biases."""
+    def apply(
+        self,
+        keep: KeepMask,
+        extra_biases: dict[str, torch.Tensor] | None = None,
+        updated_weights: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Compute the subnetwork ``keep``; ``extra_biases`` maps module paths to added output biases,
+        ``updated_weights`` tensor paths to new dense values of kept weights (see ``updated_weights``)."""
         check_no_bias_in_removed_layers(self.anatomy, keep, extra_biases or {})
+        self.weights.write(updated_weights or {})
         self.sparsifier.apply(keep)
         self.routing.apply(keep)
         self.set_extra_biases(extra_biases or {})
@@ -51,8 +61,9 @@ class MaskedModel:
         return self.anatomy.sparsity(self.keep if keep is None else keep)
 
     def release(self) -> nn.Module:
-        """Remove masks and biases; the model is dense again."""
+        """Remove masks, biases and updated weights; the model is dense again."""
         self.set_extra_biases({})
+        self.weights.restore()
         self.routing.remove()
         self.sparsifier.restore_dense()
         return self.model

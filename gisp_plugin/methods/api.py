@@ -40,8 +40,10 @@ class CalibrationDefaults:
 
 @dataclass
 class Subnetwork:
-    """One pruned model: which structures remain, and what the method added (FLAP's biases).
+    """One pruned model: which structures remain, and what the method added (FLAP's biases) or changed.
 
+    ``updated_weights`` maps tensor paths (``model.layers.3.mlp.down_proj.weight``) to new dense-shaped
+    values of kept weights (SlimGPT's compensation); the masked model and compaction both use them.
     ``elapsed_s`` is the method's own time to reach it; a resumable method sets it to include the
     steps finished before an interruption, otherwise the pruning loop measures it.
     """
@@ -52,6 +54,7 @@ class Subnetwork:
     extra_biases: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float | None = None
+    updated_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

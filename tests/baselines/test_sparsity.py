@@ -18,12 +18,14 @@ CASES = [
     ("flap", {"structure": "UL-UM"}),
     ("llm_pruner", {"layer_start": "0", "layer_end": "4"}),
     ("llm_pruner", {"layer_start": "0", "layer_end": "4", "head_unit": "query_head"}),
+    ("slimgpt", {}),
+    ("slimgpt", {"schedule": "uniform"}),
 ]
 
 
 def test_baselines_come_from_the_entry_point_plugins():
     methods = registered("method")
-    for name in ("wanda_sp", "flap", "llm_pruner", "owl_sp"):
+    for name in ("wanda_sp", "flap", "llm_pruner", "owl_sp", "sleb", "blockpruner", "slimgpt"):
         assert methods[name].plugin == name  # the entry point's name, not a built-in module
         assert methods[name].item.run.__module__ == f"gisp_baselines.{name}"
 

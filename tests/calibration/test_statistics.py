@@ -51,3 +51,29 @@ def test_bad_shapes_and_too_few_tokens_are_errors():
     stats.update(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="at least 2 tokens"):
         _ = stats.variance
+
+
+def test_input_gram_counts_real_tokens_only_and_merges():
+    """The recorder's Gram matrix is X^T X over the unpadded tokens; parts merge to the whole."""
+    from torch import nn
+
+    from gisp_plugin.calibration.recorder import InputStatsRecorder
+    from gisp_plugin.calibration.statistics import InputGram
+
+    torch.manual_seed(0)
+    linear = nn.Linear(5, 3)
+    x = torch.randn(2, 6, 5)  # [batch, seq, in]
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])  # the second row is padded
+    with InputStatsRecorder({"proj": linear}, grams=["proj"]) as recorder:
+        recorder.token_mask = mask
+        linear(x)
+    real = x[mask].double()  # [10, 5]
+    gram = recorder.grams["proj"]
+    assert gram.n_tokens == 10
+    torch.testing.assert_close(gram.gram, real.T @ real, rtol=1e-12, atol=1e-12)
+    halves = InputGram(5)
+    halves.update(real[:3])
+    other = InputGram(5)
+    other.update(real[3:])
+    halves.merge(other)
+    torch.testing.assert_close(halves.gram, gram.gram, rtol=1e-12, atol=1e-12)

@@ -1,7 +1,8 @@
 """Every data-parallel engine and method on tiny models, for ``test_data_parallel.py``.
 
 ``everything(work_dir)`` computes gradient sums, per-layer activation statistics and the subnetworks of
-GISP, LLM-Pruner, Wanda-sp, FLAP and REAP (tiny mixture-of-experts model). The test runs it in its own single
+GISP, LLM-Pruner, Wanda-sp, FLAP, ShortGPT, SLEB, BlockPruner, SlimGPT and REAP (tiny mixture-of-experts
+model). The test runs it in its own single
 process, and launches ``torchrun --nproc-per-node 2 -m tests.distributed.dp_worker OUT``, where the two gloo
 ranks run it data parallel and rank 0 saves what they got to ``OUT/results.pt``: the two must agree.
 """
@@ -34,6 +35,9 @@ METHODS = (
     ("flap", "flap", {"batch_size": 3}),
     ("flap_ul_um", "flap", {"structure": "UL-UM", "propagate": "pruned"}),
     ("shortgpt", "shortgpt", {"batch_size": 3}),  # block influence: one forward pass, sums merged over ranks
+    ("sleb", "sleb", {"batch_size": 3, "early_barrier": 0, "latter_barrier": 0}),  # perplexity sums merged per candidate
+    ("blockpruner", "blockpruner", {"batch_size": 3}),
+    ("slimgpt", "slimgpt", {"batch_size": 3}),  # input Gram matrices merged per layer; compensated weights
 )
 
 
@@ -76,7 +80,7 @@ def _statistics(model, data: CalibrationSet) -> dict[int, dict[str, dict[str, An
 
 def _subnetworks(model, method: str, options: dict, data: CalibrationSet, work_dir: Path | None = None) -> list[dict]:
     return [
-        {"keep": s.keep.to_json(), "biases": s.extra_biases, "sparsity": s.sparsity}
+        {"keep": s.keep.to_json(), "biases": s.extra_biases, "weights": s.updated_weights, "sparsity": s.sparsity}
         for s in run_method(model, None, method, TARGETS, options, data, work_dir=work_dir)
     ]
 

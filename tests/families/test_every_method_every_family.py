@@ -27,7 +27,13 @@ METHODS = {
     "flap": [],
     "llm_pruner": ["-o", "layer_start=0", "-o", "layer_end=3"],
     "shortgpt": [],  # one of the 3 layers: 0.33
+    "sleb": ["-o", "early_barrier=0", "-o", "latter_barrier=0"],  # one of the 3 layers: 0.33
+    "blockpruner": [],
+    "slimgpt": [],
 }
+# SlimGPT's structured OBS covers attention heads and dense MLP channels, not routed experts: it refuses
+# mixture-of-experts models (tests/baselines/test_slimgpt.py checks the message); every other method applies.
+DENSE_ONLY = {"slimgpt"}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,8 @@ def folders(tmp_path_factory, tokenizer):
     return out, text
 
 
-CASES = [(family, method) for family in FAMILIES for method in METHODS] + [(family, "reap") for family in sorted(MOE_FAMILIES)]
+CASES = [(family, method) for family in FAMILIES for method in METHODS if family not in MOE_FAMILIES or method not in DENSE_ONLY]
+CASES += [(family, "reap") for family in sorted(MOE_FAMILIES)]
 
 
 @pytest.mark.parametrize(("family", "method"), CASES)
@@ -67,7 +74,8 @@ def test_method_prunes_family_end_to_end(tmp_path, folders, family, method):
     keep = KeepMask.from_json(anatomy, record["pruned_structures"])
     ids = random_ids(2, 10)
     with MaskedModel(dense, anatomy) as masked, torch.no_grad():
-        masked.apply(keep, _folded_biases(dense, pruned))
+        compensated = _compensated_weights(dense, pruned, keep) if method == "slimgpt" else None
+        masked.apply(keep, _folded_biases(dense, pruned), compensated)
         torch.testing.assert_close(pruned(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
 
 
@@ -87,4 +95,20 @@ def _folded_biases(dense, pruned) -> dict[str, torch.Tensor]:
             added = pruned.get_submodule(path.replace(f"layers.{layer}.", f"layers.{kept.index(layer)}.", 1)).bias
             if added is not None:
                 out[path] = added.detach() - (module.bias.detach() if module.bias is not None else 0)
+    return out
+
+
+def _compensated_weights(dense, pruned, keep: KeepMask) -> dict[str, torch.Tensor]:
+    """SlimGPT's compensated ``o_proj`` / ``down_proj`` weights, read back from the pruned model: its kept
+    columns scattered into dense-shaped tensors (zero where a unit is removed; padding columns left out)."""
+    kept_layers = [i for i in range(dense.config.num_hidden_layers) if i not in pruned.config.removed_layers]
+    out = {}
+    for new, layer in enumerate(kept_layers):
+        for kind, projection in (("attn_head", "self_attn.o_proj"), ("mlp_channel", "mlp.down_proj")):
+            flags = keep[layer, kind]
+            weight = dense.model.layers[layer].get_submodule(projection).weight
+            columns = flags.repeat_interleave(weight.shape[1] // flags.numel())
+            scattered = torch.zeros_like(weight)
+            scattered[:, columns] = pruned.model.layers[new].get_submodule(projection).weight[:, : int(columns.sum())]
+            out[f"model.layers.{layer}.{projection}.weight"] = scattered.detach()
     return out

@@ -299,3 +299,31 @@ def test_compare_leaves_out_methods_that_do_not_apply_unless_named(tmp_path, tok
     assert "reap" not in every.methods and {"gisp", "wanda_sp", "flap", "magnitude"} <= set(every.methods)
     with pytest.raises(ConfigError, match="method 'reap' does not apply to .*has none"):
         Comparison(ComparisonConfig.from_mapping({**values, "methods": ["gisp", "reap"]}), tmp_path / "named")
+
+
+def test_compare_on_a_mixture_of_experts_runs_the_removal_methods_and_leaves_out_slimgpt(tmp_path, tokenizer, caplog):
+    """SLEB and BlockPruner remove layers and blocks of MoE layers too; SlimGPT refuses routed experts, so a
+    comparison of every method leaves it out with a log line naming it, and naming it is an error."""
+    import logging
+
+    from gisp_plugin.harness.config import ComparisonConfig, ConfigError
+    from gisp_plugin.harness.runner import Comparison, run_comparison
+    from tests.tiny import tiny_folder
+
+    model_dir, text = tiny_folder(tmp_path, "qwen2_moe", tokenizer)
+    values = {
+        "model": str(model_dir),
+        "evals": [f"perplexity:source=file:{text},seqlen=16,max_windows=4"],
+        "calibration": f"file:{text}",
+        "n_samples": 4,
+        "seqlen": 16,
+        "sparsities": [0.3],
+    }
+    with caplog.at_level(logging.INFO, logger="gisp_plugin.harness.runner"):
+        every = Comparison(ComparisonConfig.from_mapping(values), tmp_path / "all")
+    assert "slimgpt" not in every.methods and {"sleb", "blockpruner"} <= set(every.methods)
+    assert "leaving out slimgpt: slimgpt does not prune routed experts" in caplog.text
+    with pytest.raises(ConfigError, match="method 'slimgpt' does not apply to .*slimgpt does not prune routed experts"):
+        Comparison(ComparisonConfig.from_mapping({**values, "methods": ["sleb", "slimgpt"]}), tmp_path / "named")
+    result = run_comparison(ComparisonConfig.from_mapping({**values, "methods": ["sleb", "blockpruner"]}), tmp_path / "run")
+    assert sorted({row.method for row in result.rows} - {"dense"}) == ["blockpruner", "sleb"]
