@@ -34,6 +34,12 @@ class MaskedModel:
     def apply(self, keep: KeepMask, extra_biases: dict[str, torch.Tensor] | None = None) -> None:
         """Compute the subnetwork ``keep``; ``extra_biases`` maps module paths to added output biases."""
         check_no_bias_in_removed_layers(self.anatomy, keep, extra_biases or {})
+        if keep.hidden_pruned() and extra_biases:
+            raise ValueError("extra output biases with removed hidden channels are not supported; prune one or the other")
+        if keep.hidden_pruned() and not self.sparsifier.hidden:  # hidden masks reach the model only when used
+            self.sparsifier.restore_dense()
+            self.sparsifier = StructureSparsifier(self.anatomy, hidden=True)
+            self.sparsifier.prepare(self.model)
         self.sparsifier.apply(keep)
         self.routing.apply(keep)
         self.set_extra_biases(extra_biases or {})
