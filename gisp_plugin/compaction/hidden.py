@@ -224,4 +224,3 @@ def compact_hidden(model: PreTrainedModel, anatomy: ModelAnatomy, keep: KeepMask
                     weight = compact.get_submodule(path).weight
                     weight.copy_(((weight.double() + offsets[path]) / factor - offsets[path]).to(weight.dtype))
     return compact
-
