@@ -225,7 +225,7 @@ def pruning_record(
         target=subnetwork.target,
         sparsity=1.0 - params["decoder"] / params["decoder_dense"],
         params=params,
-        layers=compact.config.pruned_layers,
+        layers=getattr(compact.config, "pruned_layers", []),  # none: the family's own model (hidden channels cut)
         pruned_structures=subnetwork.keep.to_json(),
         calibration=calibration,
         seed=seed,

@@ -93,7 +93,7 @@ def gain_offset(norm: nn.Module, path: str) -> float:
 
 
 @torch.no_grad()
-def _probe_run(model: nn.Module, first_layer: nn.Module, hidden: HiddenDimension) -> tuple[set[str], torch.Tensor]:
+def stream_probe(model: nn.Module, first_layer: nn.Module, hidden: HiddenDimension) -> tuple[set[str], torch.Tensor]:
     """One short forward pass: the norms whose output another module reads, and the first layer's input."""
     norms = {model.get_submodule(path): path for path in hidden.norms}
     outputs: dict[int, str] = {}  # data pointer of each norm's output, kept alive in ``alive``
@@ -182,7 +182,7 @@ def compact_hidden(model: PreTrainedModel, anatomy: ModelAnatomy, keep: KeepMask
     if kept.numel() == 0:
         raise ValueError(f"every one of the {hidden.width} hidden channels is removed; a model needs at least one")
     scale = math.sqrt(kept.numel() / hidden.width)
-    read, first_input = _probe_run(model, model.get_submodule(anatomy.layers[0].prefix), hidden)
+    read, first_input = stream_probe(model, model.get_submodule(anatomy.layers[0].prefix), hidden)
     embedding_before = _embedding_factor(model, first_input, kept)
     offsets = {path: gain_offset(model.get_submodule(path), path) for path in hidden.norms}
 
@@ -213,7 +213,7 @@ def compact_hidden(model: PreTrainedModel, anatomy: ModelAnatomy, keep: KeepMask
     compact.generation_config = model.generation_config
     compact.eval()
 
-    _, compact_input = _probe_run(compact, compact.get_submodule(anatomy.layers[0].prefix), hidden)  # same paths
+    _, compact_input = stream_probe(compact, compact.get_submodule(anatomy.layers[0].prefix), hidden)  # same paths
     factor = scale * embedding_before / _embedding_factor(compact, compact_input, torch.arange(kept.numel()))
     with torch.no_grad():
         compact.get_input_embeddings().weight.mul_(factor)
