@@ -72,10 +72,10 @@ def gain_offset(norm: nn.Module, path: str) -> float:
     extra = sorted(name for name in model_tensors(norm) if name != "weight")
     if extra:
         raise ValueError(f"the norm {path} has parameters {extra} besides its weight; hidden channels need RMS norms")
-    probe = copy.deepcopy(norm).float()
+    probe = copy.deepcopy(norm).float()  # with its mask, if one is attached: the probe sets the weight through it
+    weight = dense_tensor(probe, "weight")
     if hasattr(probe, "parametrizations"):
-        torch.nn.utils.parametrize.remove_parametrizations(probe, "weight", leave_parametrized=False)
-    weight = probe.weight
+        probe.parametrizations.weight[0].mask.fill_(True)
     x = torch.linspace(0.5, 2.0, weight.shape[0], device=weight.device)[None]
     with torch.no_grad():
         weight.fill_(0.0)
