@@ -234,13 +234,35 @@ def uniform_keep(anatomy: ModelAnatomy, scores: Importance, axes: tuple[str, ...
     return keep
 
 
+def _widths(anatomy: ModelAnatomy, axes: tuple[str, ...], fraction: float, divisor: int) -> tuple:
+    """What ``uniform_keep`` keeps at ``fraction``, as counts (cheap: no masks built)."""
+    widths: list = []
+    if "num_attention_heads" in axes:
+        sizes = {
+            len(g)
+            for layer in anatomy.layers
+            for g in _groups(anatomy, layer.index, _kind_name(anatomy, layer.index, "attention"))
+        }
+        widths.append(tuple(max(1, math.floor(fraction * size)) for size in sorted(sizes)))
+    if "ffn_hidden_size" in axes:
+        counts = {anatomy.kind(layer.index, _kind_name(anatomy, layer.index, "mlp")).count for layer in anatomy.layers}
+        widths.append(tuple(_multiple(count, fraction, divisor) for count in sorted(counts)))
+    if "hidden_size" in axes:
+        heads = anatomy.kind(0, _kind_name(anatomy, 0, "attention")).count
+        widths.append(_multiple(anatomy.hidden_dimension().width, fraction, math.lcm(divisor, heads)))
+    if "num_layers" in axes:
+        widths.append(max(1, round(fraction * len(anatomy.layers))))
+    return tuple(widths)
+
+
 def closest_keep(anatomy: ModelAnatomy, scores: Importance, options: MinitronOptions, target: float) -> KeepMask:
     """The uniform subnetwork whose sparsity is closest to ``target`` (ties: the larger one kept)."""
+    fractions: dict[tuple, float] = {}  # each distinct set of widths, first reached going down from dense
+    for step in range(1000, -1, -1):
+        fractions.setdefault(_widths(anatomy, options.axes, step / 1000, options.channel_divisor), step / 1000)
     best, best_gap = None, math.inf
-    for step in range(1000, -1, -1):  # from dense down to the smallest uniform model
-        keep = uniform_keep(anatomy, scores, options.axes, step / 1000, options.channel_divisor)
-        if best is not None and keep == best:
-            continue
+    for fraction in fractions.values():
+        keep = uniform_keep(anatomy, scores, options.axes, fraction, options.channel_divisor)
         gap = abs(anatomy.sparsity(keep) - target)
         if gap < best_gap:
             best, best_gap = keep, gap
