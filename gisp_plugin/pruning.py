@@ -283,7 +283,7 @@ def pruning_record(
         target=subnetwork.target,
         sparsity=1.0 - params["decoder"] / params["decoder_dense"],
         params=params,
-        layers=compact.config.pruned_layers if layers is None else layers,
+        layers=getattr(compact.config, "pruned_layers", []) if layers is None else layers,
         pruned_structures=subnetwork.keep.to_json(),
         calibration=calibration,
         seed=seed,

@@ -13,6 +13,7 @@ owns a row of the gate and up projections and a column of the down projection. T
 
 Every layer is also one unit of the ``"layer"`` kind (``whole_layer_kind``), owning all its parameters;
 its slices are the output projections of its blocks, the only tensors that write into the residual stream.
+The model-level hidden dimension is derived from the layer kinds and the live tensors (``anatomy.hidden``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from gisp_plugin.anatomy.hidden import hidden_dimension
 from gisp_plugin.anatomy.structures import (
     WHOLE_LAYER,
     DependentSlice,
@@ -247,4 +249,4 @@ def decoder_anatomy(model: nn.Module, declaration: DecoderDeclaration, adapter_n
         owned = sum(kind.dense_params for kind in kinds.values())
         layers.append(LayerAnatomy(index, f"model.layers.{index}", kinds, total - owned, whole_layer_kind(layer, kinds)))
     kind_names = tuple(dict.fromkeys(name for layer in layers for name in layer.kinds))
-    return ModelAnatomy(adapter_name, tuple(layers), kind_names)
+    return ModelAnatomy(adapter_name, tuple(layers), kind_names, hidden_dimension(model, tuple(layers)))

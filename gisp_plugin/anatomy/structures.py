@@ -10,14 +10,23 @@ owning everything the layer holds. It lives beside the within-layer kinds, not a
 rank heads and channels never see it; only a method that removes whole layers (ShortGPT) sets its flags.
 A ``KeepMask`` carries a layer flag only when such a method put one there, and a layer without a flag is
 kept, so the masks, records and trajectories of every other method are exactly what they were.
+
+The residual stream's width is one model-level structure, the ``"hidden_channel"`` kind
+(``ModelAnatomy.hidden``, see ``anatomy.hidden``): a channel owns its index in every tensor that reads or
+writes the stream, in every layer, the norms and the embeddings. Its flags sit under the key
+``(MODEL_LEVEL, "hidden_channel")``, again only when a method sets them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from gisp_plugin.anatomy.hidden import HiddenDimension
 
 
 @dataclass(frozen=True)
@@ -140,6 +149,8 @@ class StructureKind:
 
 
 WHOLE_LAYER = "layer"
+HIDDEN_CHANNEL = "hidden_channel"
+MODEL_LEVEL = -1  # the "layer" index under which model-level kinds (the hidden dimension) are keyed
 
 
 @dataclass(frozen=True)
@@ -168,7 +179,9 @@ class ModelAnatomy:
     """Every decoder layer's prunable structures, with exact parameter accounting.
 
     Sparsity follows the paper: ``1 - params left in the decoder layers / dense decoder params``;
-    embeddings and the LM head are not counted. ``shape`` is the run's shape constraint (``free``, or one
+    embeddings and the LM head are not counted (a hidden channel removes its share of the decoder layers,
+    and its embedding and LM-head columns go uncounted). ``hidden`` is the model-level hidden dimension,
+    ``None`` where the adapter declares none. ``shape`` is the run's shape constraint (``free``, or one
     of ``gisp_plugin.importance.shapes.SHAPES``), which the shared allocators read.
     """
 
@@ -176,6 +189,7 @@ class ModelAnatomy:
     layers: tuple[LayerAnatomy, ...]
     kind_names: tuple[str, ...] = field(default=("attn_head", "mlp_channel"))
     shape: str = "free"
+    hidden: HiddenDimension | None = None
 
     @property
     def dense_params(self) -> int:
@@ -184,7 +198,15 @@ class ModelAnatomy:
     def kind(self, layer: int, name: str) -> StructureKind:
         if name == WHOLE_LAYER:
             return self.whole_layer(layer)
+        if name == HIDDEN_CHANNEL:
+            return self.hidden_dimension().kind
         return self.layers[layer].kinds[name]
+
+    def hidden_dimension(self) -> HiddenDimension:
+        """The model-level hidden dimension (refused where the adapter declares none)."""
+        if self.hidden is None:
+            raise LookupError(f"the {self.adapter} anatomy declares no hidden dimension; hidden channels cannot be removed")
+        return self.hidden
 
     def whole_layer(self, layer: int) -> StructureKind:
         """The ``"layer"`` structure of decoder layer ``layer`` (refused where the adapter declares none)."""
@@ -195,6 +217,8 @@ class ModelAnatomy:
 
     def params_kept(self, keep: KeepMask) -> int:
         """Parameters left in the decoder layers; a removed layer leaves none, whatever its other flags say."""
+        if keep.hidden_pruned():
+            return self.hidden_dimension().params_kept(self, keep)
         return sum(
             layer.fixed_params + sum(kind.params_kept(keep[layer.index, name]) for name, kind in layer.kinds.items())
             for layer in self.layers
@@ -223,15 +247,17 @@ class KeepMask:
 
     This is the one currency in which methods state decisions; masks on the model, compaction,
     trajectories and saved records are all derived from it. Whole layers are flagged under the kind
-    ``"layer"`` (one unit per layer); a layer without such a flag is kept.
+    ``"layer"`` (one unit per layer); a layer without such a flag is kept. Hidden channels are flagged under
+    ``(MODEL_LEVEL, "hidden_channel")``; a mask without that key keeps them all.
     """
 
     def __init__(self, flags: dict[tuple[int, str], torch.Tensor]):
         self.flags = {key: value.to(torch.bool).cpu() for key, value in flags.items()}
 
     @classmethod
-    def dense(cls, anatomy: ModelAnatomy, layers: bool = False) -> KeepMask:
-        """Everything kept; with ``layers``, every decoder layer also carries its (kept) ``"layer"`` flag."""
+    def dense(cls, anatomy: ModelAnatomy, layers: bool = False, hidden: bool = False) -> KeepMask:
+        """Everything kept; with ``layers``, every decoder layer also carries its (kept) ``"layer"`` flag;
+        with ``hidden``, the model carries its (kept) hidden-channel flags."""
         flags = {
             (layer.index, name): torch.ones(kind.count, dtype=torch.bool)
             for layer in anatomy.layers
@@ -240,6 +266,8 @@ class KeepMask:
         if layers:
             for layer in anatomy.layers:
                 flags[layer.index, WHOLE_LAYER] = torch.ones(anatomy.whole_layer(layer.index).count, dtype=torch.bool)
+        if hidden:
+            flags[MODEL_LEVEL, HIDDEN_CHANNEL] = torch.ones(anatomy.hidden_dimension().kind.count, dtype=torch.bool)
         return cls(flags)
 
     def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
@@ -255,6 +283,11 @@ class KeepMask:
             raise ValueError(f"keep flags for {key} need shape {tuple(shape)}, got {tuple(value.shape)}")
         self.flags[key] = value.to(torch.bool).cpu()
 
+    def hidden_pruned(self) -> bool:
+        """True when some hidden channel is removed."""
+        flags = self.flags.get((MODEL_LEVEL, HIDDEN_CHANNEL))
+        return flags is not None and not bool(flags.all())
+
     def layer_kept(self, layer: int) -> bool:
         """False only when decoder layer ``layer`` is removed as a whole."""
         return bool(self[layer, WHOLE_LAYER].all())
@@ -269,9 +302,17 @@ class KeepMask:
     def _keys(self, other: KeepMask) -> set[tuple[int, str]]:
         return set(self.flags) | set(other.flags)
 
+    def _pair(self, other: KeepMask, key: tuple[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both masks' flags for ``key``; missing hidden-channel flags are all kept, like the other's."""
+        if key[1] == HIDDEN_CHANNEL and (key not in self.flags or key not in other.flags):
+            flags = self.flags.get(key, other.flags.get(key))
+            return self.flags.get(key, torch.ones_like(flags)), other.flags.get(key, torch.ones_like(flags))
+        return self[key], other[key]
+
     def is_subset_of(self, other: KeepMask) -> bool:
         """True when every unit kept here is also kept in ``other`` (nested subnetworks)."""
-        return not any(bool((self[key] & ~other[key]).any()) for key in self._keys(other))
+        pairs = (self._pair(other, key) for key in self._keys(other))
+        return not any(bool((mine & ~theirs).any()) for mine, theirs in pairs)
 
     def num_pruned(self) -> int:
         return sum(int((~value).sum()) for value in self.flags.values())
@@ -281,7 +322,7 @@ class KeepMask:
         if not isinstance(other, KeepMask):
             return False
         try:
-            return all(torch.equal(self[key], other[key]) for key in self._keys(other))
+            return all(torch.equal(*self._pair(other, key)) for key in self._keys(other))
         except KeyError:
             return False
 
@@ -294,7 +335,8 @@ class KeepMask:
 
     @classmethod
     def from_json(cls, anatomy: ModelAnatomy, data: dict[str, dict[str, list[int]]]) -> KeepMask:
-        keep = cls.dense(anatomy, layers=any(WHOLE_LAYER in kinds for kinds in data.values()))
+        layers = any(WHOLE_LAYER in kinds for kinds in data.values())
+        keep = cls.dense(anatomy, layers=layers, hidden=any(HIDDEN_CHANNEL in kinds for kinds in data.values()))
         for layer, kinds in data.items():
             for name, pruned in kinds.items():
                 flags = keep[int(layer), name].clone()

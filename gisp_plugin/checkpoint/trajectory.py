@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gisp_plugin.anatomy.structures import WHOLE_LAYER, KeepMask, ModelAnatomy
+from gisp_plugin.anatomy.structures import HIDDEN_CHANNEL, WHOLE_LAYER, KeepMask, ModelAnatomy
 
 NEVER = -1
 
@@ -71,7 +71,8 @@ class Trajectory:
         }
         if anatomy is not None:
             layers = any(kind == WHOLE_LAYER for _, kind in pruned_at)  # a run that removes whole layers
-            expected = {key: flags.shape for key, flags in KeepMask.dense(anatomy, layers).flags.items()}
+            hidden = any(kind == HIDDEN_CHANNEL for _, kind in pruned_at)  # a run that removes hidden channels
+            expected = {key: flags.shape for key, flags in KeepMask.dense(anatomy, layers, hidden).flags.items()}
             if expected != {key: at.shape for key, at in pruned_at.items()}:
                 raise ValueError("trajectory does not match this model's structures")
         return cls(list(data["steps"]), pruned_at, data.get("shape", "free"))

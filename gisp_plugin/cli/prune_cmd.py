@@ -349,7 +349,7 @@ def prune_into(
                 report = RecoveryReport()
                 recover(compact, tokenizer, recovery_data, RecoveryOptions(steps=args.recover_steps, seed=args.seed), report)
                 subnetwork.info["recovery"] = {"steps": args.recover_steps, "data": recovery_data.name, "losses": report.losses}
-            layers = compact.config.pruned_layers
+            layers = getattr(compact.config, "pruned_layers", [])
             compact, form = saved_form(compact)
             if quantization is not None:
                 quantize_model(compact, quantization)

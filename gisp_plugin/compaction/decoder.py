@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 
 from gisp_plugin.anatomy.decoder import DecoderDeclaration
 from gisp_plugin.anatomy.structures import KeepMask, LayerAnatomy, StructureKind, TensorSlice
+from gisp_plugin.compaction.hidden import compact_hidden, without_hidden
 from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
 from gisp_plugin.compaction.slicing import Cut, cut_stacked, cut_tensor, gathered_rows
 from gisp_plugin.masking.masked_model import check_no_bias_in_removed_layers
@@ -252,8 +253,16 @@ def compact_decoder(
     that projection's output (FLAP's bias compensation); it is folded into the compacted layer.
     ``pad_to`` > 1 rounds each layer's MLP width up with zero channels (same outputs, GPU-friendly shapes).
     Layers removed as a whole are left out and the rest renumbered; removing every layer is refused.
+    Removed hidden channels are cut first (``compaction.hidden``); with nothing else removed, the result is
+    the family's own model class with a smaller ``hidden_size``.
     """
     extra = extra_biases or {}
+    if keep.hidden_pruned():
+        if extra:
+            raise ValueError("extra output biases with removed hidden channels are not supported; prune one or the other")
+        model, keep = compact_hidden(model, anatomy, keep), without_hidden(keep)
+        if all(bool(flags.all()) for flags in keep.flags.values()):
+            return model
     specs, state = [], {}
     for new_index, layer in enumerate(kept_layers(anatomy, keep, extra)):
         spec, tensors = compact_layer(

@@ -39,6 +39,8 @@ def compact_sharded(
     adapter = adapter_for(model)
     if adapter.declaration is None:
         raise ValueError(f"the {adapter.name!r} adapter declares no decoder layout; sharded compaction needs one")
+    if keep.hidden_pruned():
+        raise ValueError("hidden channels cannot be cut from a model sharded with FSDP yet; prune it unsharded")
     anatomy = adapter.anatomy(model)
     main = not dist.is_initialized() or dist.get_rank() == 0
     extra = extra_biases or {}

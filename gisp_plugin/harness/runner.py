@@ -408,7 +408,7 @@ class Comparison:
                     started = time.perf_counter()
                     compact, params = compact_subnetwork(self.model, subnetwork, self.pad_to)
                     sparsity = 1 - params["decoder"] / params["decoder_dense"]
-                    layers, form = compact.config.pruned_layers, None
+                    layers, form = getattr(compact.config, "pruned_layers", []), None
                     if self.config.save_models:  # evaluate what is saved: the family's own model where it is exact
                         compact, form = saved_form(compact)
                     for choice, model in self.variants(method, compact):

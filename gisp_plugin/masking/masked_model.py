@@ -43,6 +43,12 @@ class MaskedModel:
         """Compute the subnetwork ``keep``; ``extra_biases`` maps module paths to added output biases,
         ``updated_weights`` tensor paths to new dense values of kept weights (see ``updated_weights``)."""
         check_no_bias_in_removed_layers(self.anatomy, keep, extra_biases or {})
+        if keep.hidden_pruned() and extra_biases:
+            raise ValueError("extra output biases with removed hidden channels are not supported; prune one or the other")
+        if keep.hidden_pruned() and not self.sparsifier.hidden:  # hidden masks reach the model only when used
+            self.sparsifier.restore_dense()
+            self.sparsifier = StructureSparsifier(self.anatomy, hidden=True)
+            self.sparsifier.prepare(self.model)
         self.weights.write(updated_weights or {})
         self.sparsifier.apply(keep)
         self.routing.apply(keep)

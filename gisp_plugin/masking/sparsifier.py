@@ -7,6 +7,8 @@ and ``squash_mask`` (or ``restore_dense``) removes them. Each mask is a subclass
 by several structures share one mechanism. Biases get their own parametrization instead of torch's
 ``BiasHook``, which reshapes biases in the convolution layout and corrupts a biased ``Linear`` on 3-D input.
 A removed layer (kind ``"layer"``) zeroes its whole output projections, so it adds nothing to the residual.
+Hidden channels (``anatomy.hidden``) are masked only by a sparsifier made with ``hidden=True``: their masks
+reach the embedding, the norms and every projection, and other methods' models stay as they were.
 
 A model sharded with FSDP2 must carry its masks before ``fully_shard`` (FSDP then shards the masked
 tensor's ``original`` and all-gathers it for the forward; a parametrization registered afterwards would
@@ -23,7 +25,7 @@ from torch.ao.pruning import BaseSparsifier
 from torch.ao.pruning._experimental.pruner import FakeStructuredSparsity
 from torch.nn.utils import parametrize
 
-from gisp_plugin.anatomy.structures import WHOLE_LAYER, KeepMask, ModelAnatomy
+from gisp_plugin.anatomy.structures import HIDDEN_CHANNEL, MODEL_LEVEL, WHOLE_LAYER, KeepMask, ModelAnatomy
 
 
 class BroadcastStructuredSparsity(FakeStructuredSparsity):
@@ -59,10 +61,11 @@ def resident_mask(module: nn.Module, name: str) -> BroadcastStructuredSparsity |
 class StructureSparsifier(BaseSparsifier):
     """Masks every tensor slice of every structure kind according to a ``KeepMask``."""
 
-    def __init__(self, anatomy: ModelAnatomy):
+    def __init__(self, anatomy: ModelAnatomy, hidden: bool = False):
         super().__init__(defaults={})
         self.anatomy = anatomy
-        self.keep = KeepMask.dense(anatomy)
+        self.hidden = hidden
+        self.keep = KeepMask.dense(anatomy, hidden=hidden)
 
     def sparsity_config(self, model: nn.Module) -> list[dict]:
         """One config entry per masked tensor, with every (layer, kind, slice) whose flags drive its mask."""
@@ -74,6 +77,10 @@ class StructureSparsifier(BaseSparsifier):
                 for tensor_slice, dependent in slices:
                     driver = {"layer": layer.index, "kind": kind_name, "slice": tensor_slice, "dependent": dependent}
                     drivers.setdefault(f"{layer.prefix}.{tensor_slice.path}", []).append(driver)
+        if self.hidden:
+            for tensor_slice in self.anatomy.hidden_dimension().kind.owned:
+                driver = {"layer": MODEL_LEVEL, "kind": HIDDEN_CHANNEL, "slice": tensor_slice, "dependent": None}
+                drivers.setdefault(tensor_slice.path, []).append(driver)
         return [{"tensor_fqn": fqn, "drivers": entries} for fqn, entries in drivers.items()]
 
     def prepare(self, model: nn.Module, config: list[dict] | None = None) -> None:
@@ -112,6 +119,8 @@ class StructureSparsifier(BaseSparsifier):
     def apply(self, keep: KeepMask) -> None:
         """Make the model compute exactly the subnetwork ``keep`` describes."""
         self.keep = keep.copy()
+        if self.hidden and (MODEL_LEVEL, HIDDEN_CHANNEL) not in self.keep.flags:  # no hidden flags: all kept
+            self.keep.flags[MODEL_LEVEL, HIDDEN_CHANNEL] = torch.ones(self.anatomy.hidden_dimension().width, dtype=torch.bool)
         self.step()
 
     def restore_dense(self) -> None:
