@@ -17,6 +17,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from gisp_plugin.adapters.api import adapter_for
+from gisp_plugin.adapters.self_check import self_check
 from gisp_plugin.checkpoint.saving import PruningRecord, count_params
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationRequest, CalibrationSet
@@ -96,6 +97,8 @@ def check_run(
         )
     spec, parsed = resolve_method(method, options)
     adapter = adapter_for(model)
+    if adapter.derived:  # an anatomy read off the modules is proved on a small copy before any work
+        self_check(model, adapter)
     anatomy = adapter.anatomy(model)
     reachable = spec.max_sparsity(anatomy, parsed) if spec.max_sparsity else anatomy.max_sparsity()
     checked = check_targets(targets, reachable)
@@ -105,6 +108,17 @@ def check_run(
         check_seqlen("calibration", longest, context_limit(model.config), getattr(model, "name_or_path", "") or "the model")
     check_finite_weights(model, f"{method} cannot prune this model")
     return CheckedRun(spec, parsed, adapter, anatomy, checked)
+
+
+def anatomy_provenance(adapter) -> dict[str, str]:
+    """Where a run's anatomy came from, for its record: the adapter, declared or derived, and (derived)
+    that the self-check passed (``check_run`` refuses the run otherwise)."""
+    derived = getattr(adapter, "derived", False)
+    return {
+        "adapter": adapter.name,
+        "anatomy": "derived" if derived else "declared",
+        "self_check": "passed" if derived else "not needed",
+    }
 
 
 def run_method(
@@ -172,6 +186,7 @@ def run_method(
             check_finite_tensors(subnetwork.extra_biases, f"{method} at target {subnetwork.target}: compensation bias")
             if subnetwork.elapsed_s is None:
                 subnetwork.elapsed_s = working
+            subnetwork.info.setdefault("anatomy", anatomy_provenance(run.adapter))
             yield subnetwork
         if expected:
             raise RuntimeError(f"method {method!r} stopped before targets {expected}")

@@ -42,7 +42,7 @@ from gisp_plugin.methods.api import MethodSpec
 from gisp_plugin.methods.options import options_to_dict, parse_assignments
 from gisp_plugin.models.loading import DEFAULT_MODEL, load_model, parse_dtype
 from gisp_plugin.pruning import check_run, check_targets, compact_subnetwork, pruning_record, resolve_method, run_method
-from gisp_plugin.recovery.lora import RecoveryOptions, RecoveryReport, recover
+from gisp_plugin.recovery.lora import RecoveryOptions, RecoveryReport, default_targets, recover
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,8 @@ def prune_into(
             compact, params = compact_subnetwork(model, subnetwork, args.pad_to)
             if recovery_data is not None:
                 report = RecoveryReport()
-                recover(compact, tokenizer, recovery_data, RecoveryOptions(steps=args.recover_steps, seed=args.seed), report)
+                recovery_options = RecoveryOptions(steps=args.recover_steps, seed=args.seed, targets=default_targets(model))
+                recover(compact, tokenizer, recovery_data, recovery_options, report)
                 subnetwork.info["recovery"] = {"steps": args.recover_steps, "data": recovery_data.name, "losses": report.losses}
             if quantization is not None:
                 quantize_model(compact, quantization)

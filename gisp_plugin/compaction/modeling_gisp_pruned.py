@@ -72,8 +72,10 @@ def _no_heads_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     batch, seq = hidden_states.shape[:-1]
     if cache is not None:  # the cache's sequence length must stay right for the layers after this one
-        empty = hidden_states.new_zeros(batch, 0, seq, self.head_dim)
-        cache.update(empty, empty, self.layer_idx)
+        # one zero key/value head, never read: a cache of zero heads holds no elements and reports length 0
+        # (transformers' DynamicLayer), so the next token of the whole model would get position 0
+        placeholder = hidden_states.new_zeros(batch, 1, seq, self.head_dim)
+        cache.update(placeholder, placeholder, self.layer_idx)
     output = getattr(self, self.gisp_output_projection)
     return output(hidden_states.new_zeros(batch, seq, 0)), None
 
@@ -167,6 +169,8 @@ def install_pruned_layers(model: nn.Module, config) -> None:
             heads = {key: attention[key] for key in ("num_key_value_heads", "num_key_value_groups")}
             for key, value in heads.items():
                 setattr(attn, key, value)
+            if hasattr(attn, "num_heads"):  # families that shape the queries by it (StableLM, Phi)
+                attn.num_heads = attention["num_heads"]
             attn.config = LayerConfigView(config, {"num_attention_heads": attention["num_heads"], **heads})
             if attention["num_heads"] == 0:
                 attn.gisp_output_projection = attention["output_projection"]
