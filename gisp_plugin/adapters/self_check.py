@@ -85,7 +85,7 @@ def _difference(small: PreTrainedModel, adapter: ArchitectureAdapter, anatomy: M
         compact = adapter.compact(small, keep)
         logits = compact(ids).logits
         prefix = compact(ids[:, :-1], use_cache=True)
-        step = compact(ids[:, -1:], past_key_values=prefix.past_key_values).logits[:, -1]
+        step = compact(ids[:, -1:], cache=prefix.cache).logits[:, -1]
     scale = TOLERANCE * max(1.0, float(reference.abs().max()))
     full = float((logits - reference).abs().max())
     if not full <= scale:
