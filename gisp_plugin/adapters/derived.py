@@ -17,11 +17,13 @@ proved on a small copy of the model before any pruning (``adapters.self_check``)
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
 from gisp_plugin.adapters.adapter import ArchitectureAdapter, UnsupportedArchitectureError, decoder_adapter
 from gisp_plugin.anatomy.decoder import AttentionNames, DecoderDeclaration, ExpertNames, MLPNames
 from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
+from gisp_plugin.masking.sparsifier import dense_tensor
 
 LAYERS = "model.layers"
 ATTENTION_MODULES = ("self_attn", "attention", "attn")
@@ -51,14 +53,20 @@ def _linears(module: nn.Module) -> dict[str, nn.Linear]:
 
 
 def _own_parameters(module: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The module's own parameters (not its children's), by name, with their shapes."""
-    return {name: tuple(p.shape) for name, p in module.named_parameters(recurse=False)}
+    """The module's own parameters (not its children's), by name, with their shapes; a parameter wearing a
+    pruning mask counts as itself (the anatomy may be read while a method's masks are on)."""
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters(recurse=False)}
+    if parametrize.is_parametrized(module):
+        shapes.update({name: tuple(dense_tensor(module, name).shape) for name in module.parametrizations})
+    return shapes
 
 
 def _with_parameters(module: nn.Module, skip: set[str]) -> list[str]:
-    """Children (outside ``skip``) that hold parameters other than scalars (a learned activation's own)."""
+    """Children (outside ``skip``, masks aside) holding parameters other than scalars (a learned activation's)."""
     return [
-        name for name, child in module.named_children() if name not in skip and any(p.numel() > 1 for p in child.parameters())
+        name
+        for name, child in module.named_children()
+        if name not in skip and name != "parametrizations" and any(p.numel() > 1 for p in child.parameters())
     ]
 
 

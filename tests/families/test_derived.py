@@ -21,7 +21,7 @@ from gisp_plugin.anatomy.decoder import AttentionNames, DecoderDeclaration, MLPN
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.pruning import check_run
-from tests.tiny import DERIVED_FAMILIES, FAMILIES, SIZES, TOKENS, random_ids, tiny_model
+from tests.tiny import DERIVED_FAMILIES, FAMILIES, SIZES, TOKENS, random_ids, random_keep, tiny_model
 
 # What each derived family's layer must be read as: (attention heads, MLP channels, fixed parameters);
 # the fixed ones are the norms no unit owns (OLMo's norms have none; OLMo 2's q/k norms are cut with the heads)
@@ -159,3 +159,15 @@ def test_the_tiny_derived_families_are_not_declared():
     declared = {t for entry in registered("adapter").values() for t in entry.item.model_types}
     assert not declared & {FAMILIES[family]["model_type"] for family in DERIVED_FAMILIES}
     assert len(DERIVED_FAMILIES) >= 10
+
+
+@pytest.mark.parametrize("family", ["olmo2", "starcoder2", "olmoe", "qwen2_moe"])
+def test_the_derivation_reads_a_model_wearing_pruning_masks_as_the_bare_one(family):
+    """Methods and the runner look the adapter up while masks are on (a masked projection norm or stacked
+    expert tensor is a parametrisation): the declaration must not change."""
+    model = tiny_model(family)
+    bare = derive_declaration(model)
+    anatomy = adapter_for(model).anatomy(model)
+    with MaskedModel(model, anatomy) as masked:
+        masked.apply(random_keep(anatomy, 0, 0.5))
+        assert derive_declaration(model) == bare
