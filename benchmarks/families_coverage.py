@@ -60,6 +60,7 @@ SIZES = {
 }
 METHODS = {"random": [], "gisp": ["-o", "steps=2"]}
 TOLERANCE = 1e-4
+MAX_PARAMS = 5_000_000  # a family whose defaults stay large at these sizes (extra sub-models) is reported, not built
 
 
 def causal_lm_types() -> list[str]:
@@ -72,6 +73,10 @@ def tiny_family_model(model_type: str) -> torch.nn.Module:
     defaults = config_cls()
     config = config_cls(**{key: value for key, value in SIZES.items() if hasattr(defaults, key)})
     config._attn_implementation = "eager"
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if params > MAX_PARAMS:
+        raise ValueError(f"its defaults keep {params / 1e6:.0f}M parameters at these sizes")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # norms at 1 and biases at 0 would hide a misread one
