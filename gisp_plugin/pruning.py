@@ -18,6 +18,7 @@ from typing import Any
 from transformers import PreTrainedModel
 
 from gisp_plugin.adapters.api import adapter_for
+from gisp_plugin.adapters.self_check import self_check
 from gisp_plugin.anatomy.structures import ModelAnatomy
 from gisp_plugin.checkpoint.saving import PruningRecord, count_params
 from gisp_plugin.checkpoint.trajectory import Trajectory
@@ -103,6 +104,8 @@ def check_run(
     spec, parsed = resolve_method(method, options)
     check_shape(shape)
     adapter = adapter_for(model)
+    if adapter.derived:  # an anatomy read off the modules is proved on a small copy before any work
+        self_check(model, adapter)
     anatomy = dataclasses.replace(adapter.anatomy(model), shape=shape)
     checked = check_against_anatomy(spec, parsed, anatomy, targets)
     if spec.calibration is not None:
@@ -141,6 +144,17 @@ def check_before_loading(model: str, method: str, targets: Sequence[float], opti
         return  # loading the model names what is wrong with the folder
     spec, parsed = resolve_method(method, options)
     check_against_anatomy(spec, parsed, adapter_for(empty).anatomy(empty), targets)
+
+
+def anatomy_provenance(adapter) -> dict[str, str]:
+    """Where a run's anatomy came from, for its record: the adapter, declared or derived, and (derived)
+    that the self-check passed (``check_run`` refuses the run otherwise)."""
+    derived = getattr(adapter, "derived", False)
+    return {
+        "adapter": adapter.name,
+        "anatomy": "derived" if derived else "declared",
+        "self_check": "passed" if derived else "not needed",
+    }
 
 
 def run_method(
@@ -220,6 +234,7 @@ def run_method(
             check_finite_tensors(subnetwork.updated_weights, f"{method} at target {subnetwork.target}: updated weight")
             if subnetwork.elapsed_s is None:
                 subnetwork.elapsed_s = working
+            subnetwork.info.setdefault("anatomy", anatomy_provenance(run.adapter))
             yield subnetwork
         if expected:
             raise RuntimeError(f"method {method!r} stopped before targets {expected}")

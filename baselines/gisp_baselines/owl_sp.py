@@ -49,15 +49,16 @@ Sample: ``gisp prune --method owl_sp --sparsity 0.2,0.4 --calibration c4 --n-sam
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from gisp_baselines.channels import routed_expert_paths
+from gisp_baselines.channels import input_channel_slice
 from gisp_baselines.walk import OnloadOptions, layer_walk
 from gisp_baselines.wanda_sp import layer_scores, prune_layerwise
+from gisp_plugin.anatomy.structures import ModelAnatomy
 from gisp_plugin.calibration.sequential import LayerStatistics
 from gisp_plugin.calibration.statistics import ExpertChannelStats
 from gisp_plugin.importance.allocation import Scores
@@ -91,17 +92,25 @@ def linear_paths(layers: Sequence[nn.Module]) -> list[str]:
     return sorted({path for layer in layers for path, module in layer.named_modules() if isinstance(module, nn.Linear)})
 
 
-def wanda_weight_scores(layer_stats: LayerStatistics, routed: Sequence[str]) -> Iterator[torch.Tensor]:
+def routed_down_projections(anatomy: ModelAnatomy) -> dict[str, str]:
+    """Module path (relative to a layer) of stacked routed experts -> their down projection's tensor name,
+    as the anatomy declares it."""
+    slices = [input_channel_slice(kind) for layer in anatomy.layers for kind in layer.kinds.values()]
+    return {s.module_path: s.tensor_name for s in slices if s.stacked}
+
+
+def wanda_weight_scores(layer_stats: LayerStatistics, routed: Mapping[str, str]) -> Iterator[torch.Tensor]:
     """Unstructured Wanda scores ``|W_ij| * ||X_j||`` (float64) of each recorded weight of one layer.
 
-    A linear gives ``[out, in]``; stacked routed experts give their down projection's ``[E, H, I]``,
-    each expert's columns weighed by the norms of the tokens routed to it.
+    A linear gives ``[out, in]``; stacked routed experts (``routed``: module path -> down projection's
+    tensor name) give their down projection's ``[E, H, I]``, each expert's columns weighed by the norms
+    of the tokens routed to it.
     """
     for path, stats in sorted(layer_stats.stats.items()):
         module = layer_stats.layer.get_submodule(path)
         if path in routed:
             assert isinstance(stats, ExpertChannelStats)
-            weight = dense_tensor(module, "down_proj").detach().double()  # [E, H, I]
+            weight = dense_tensor(module, routed[path]).detach().double()  # [E, H, I]
             yield weight.abs() * stats.norm.to(weight.device).unsqueeze(1)
         elif isinstance(module, nn.Linear):
             weight = dense_tensor(module, "weight").detach().double()  # [out, in]
@@ -128,7 +137,7 @@ def owl_offsets(outlier_ratios: Sequence[float], spread: float) -> Offsets:
 def dense_walk(job: PruningJob, options: OwlSpOptions) -> tuple[list[float], Scores]:
     """One walk over the dense model: every layer's LOD, and its Wanda-sp unit scores."""
     layers = job.adapter.decoder_layers(job.model)
-    routed = sorted({path for layer in job.anatomy.layers for path in routed_expert_paths(layer)})
+    routed = routed_down_projections(job.anatomy)
     lods: list[float] = []
     scores: Scores = {}
     for layer_stats in layer_walk(job, "dense", options.batch_size, more_paths=linear_paths(layers)):

@@ -8,38 +8,17 @@ patterns) stay inside the family's own transformers modules, which the pruned mo
 
 from __future__ import annotations
 
-from gisp_plugin.adapters.api import ArchitectureAdapter
-from gisp_plugin.anatomy.decoder import AttentionNames, DecoderDeclaration, ExpertNames, MLPNames, decoder_anatomy
-from gisp_plugin.compaction.decoder import compact_decoder
+from gisp_plugin.adapters.adapter import ArchitectureAdapter, decoder_adapter
+from gisp_plugin.anatomy.decoder import AttentionNames, DecoderDeclaration, ExpertNames, MLPNames
 from gisp_plugin.plugins import hookimpl
 
 SEPARATE = DecoderDeclaration()
 FUSED = DecoderDeclaration(AttentionNames(qkv="qkv_proj"), MLPNames(gate_up="gate_up_proj"))
-ROUTED = DecoderDeclaration(experts=ExpertNames())
-ROUTED_SHARED = DecoderDeclaration(experts=ExpertNames(shared="shared_expert"))
+# Qwen-MoE configs place routed experts by layer index; Mixtral and OLMoE configs have neither field
+QWEN_EXPERT_LAYERS = {"dense_layers_field": "mlp_only_layers", "sparse_step_field": "decoder_sparse_step"}
+ROUTED = DecoderDeclaration(experts=ExpertNames(**QWEN_EXPERT_LAYERS))
+ROUTED_SHARED = DecoderDeclaration(experts=ExpertNames(shared="shared_expert", **QWEN_EXPERT_LAYERS))
 ROUTED_NORMED = DecoderDeclaration(AttentionNames(projection_norms=("q_norm", "k_norm")), experts=ExpertNames())
-
-
-def decoder_adapter(
-    name: str, description: str, model_types: tuple[str, ...], declaration: DecoderDeclaration
-) -> ArchitectureAdapter:
-    """An adapter for a Llama-like family, from the names of its projections."""
-
-    def anatomy(model):
-        return decoder_anatomy(model, declaration, name)
-
-    def compact(model, keep, extra_biases=None, pad_to: int = 1):
-        return compact_decoder(model, keep, anatomy(model), declaration, extra_biases, pad_to)
-
-    return ArchitectureAdapter(
-        name=name,
-        description=description,
-        model_types=model_types,
-        anatomy=anatomy,
-        decoder_layers=lambda model: model.model.layers,
-        compact=compact,
-        declaration=declaration,
-    )
 
 
 ADAPTERS = [

@@ -18,7 +18,7 @@ The model-level hidden dimension is derived from the layer kinds and the live te
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -60,13 +60,24 @@ class AttentionNames:
 
 @dataclass(frozen=True)
 class MLPNames:
-    """Where a family keeps its gated MLP; ``gate_up`` names one fused ``[gate; up]`` projection."""
+    """Where a family keeps its MLP; ``gate_up`` names one fused ``[gate; up]`` projection.
+
+    ``gate=None`` declares a plain (non-gated) MLP, ``down(act(up(x)))`` (StarCoder2's ``c_fc``/``c_proj``,
+    ``fc1``/``fc2``, Nemotron's ReLU-squared ``up_proj``/``down_proj``): a channel owns its up row (and bias)
+    and its down column.
+    """
 
     module: str = "mlp"
-    gate: str = "gate_proj"
+    gate: str | None = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
     gate_up: str | None = None
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The leaf names of the MLP's linear projections."""
+        inputs = (self.gate_up,) if self.gate_up is not None else (self.gate, self.up)
+        return tuple(name for name in (*inputs, self.down) if name is not None)
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,10 @@ class ExpertNames:
     """Where a family keeps its routed experts (transformers 5 stacks them in 3-D tensors).
 
     ``experts`` holds ``gate_up`` ``[E, 2I, H]`` and ``down`` ``[E, H, I]``; ``router`` has a weight
-    ``[E, H]``; ``shared`` names an always-on shared expert MLP (Qwen2-MoE), if the family has one.
+    ``[E, H]``; ``shared`` names an always-on shared expert MLP (Qwen2-MoE), if the family has one, whose
+    projections ``shared_mlp`` names. ``dense_layers_field`` and ``sparse_step_field`` name the config
+    fields by which a family places its experts by layer index (Qwen-MoE's ``mlp_only_layers`` and
+    ``decoder_sparse_step``): compaction rewrites them when whole layers are removed.
     """
 
     module: str = "mlp"
@@ -83,6 +97,17 @@ class ExpertNames:
     down: str = "down_proj"
     router: str = "gate"
     shared: str | None = None
+    shared_mlp: MLPNames = MLPNames()
+    dense_layers_field: str | None = None
+    sparse_step_field: str | None = None
+
+    def holds_experts(self, config, index: int) -> bool:
+        """Whether ``config`` builds layer ``index`` with routed experts, by the rule its two fields state
+        (Qwen-MoE: layers listed in ``mlp_only_layers`` are dense, the others hold experts every
+        ``decoder_sparse_step`` layers); without the fields, every layer does."""
+        dense = getattr(config, self.dense_layers_field, None) if self.dense_layers_field else None
+        step = (getattr(config, self.sparse_step_field, None) if self.sparse_step_field else None) or 1
+        return index not in (dense or []) and (index + 1) % step == 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +121,15 @@ class DecoderDeclaration:
     attention: AttentionNames = AttentionNames()
     mlp: MLPNames = MLPNames()
     experts: ExpertNames | None = None
+    layers: str = "model.layers"
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The leaf names of every linear projection the declaration names (LoRA recovery adapts these)."""
+        a = self.attention
+        attention = (a.qkv,) if a.qkv is not None else (a.q, a.k, a.v)
+        shared = self.experts.shared_mlp.projections if self.experts is not None and self.experts.shared else ()
+        return tuple(dict.fromkeys((*attention, a.o, *self.mlp.projections, *shared)))
 
 
 @dataclass(frozen=True)
@@ -173,12 +207,14 @@ def attention_kind(layer: nn.Module, names: AttentionNames) -> StructureKind:
 
 
 def mlp_kind(layer: nn.Module, names: MLPNames, name: str = MLP_CHANNEL, block: str = "mlp") -> StructureKind:
-    """Channels of one layer's gated MLP (or shared expert): gate and up rows, down columns."""
+    """Channels of one layer's MLP (or shared expert): gate and up rows (up only, if plain), down columns."""
     down = f"{names.module}.{names.down}"
     channels = _linear(layer, down).in_features
     if names.gate_up is not None:
         fused = f"{names.module}.{names.gate_up}"
         inputs = [_Projection(fused, 0), _Projection(fused, channels)]
+    elif names.gate is None:
+        inputs = [_Projection(f"{names.module}.{names.up}", 0)]
     else:
         inputs = [_Projection(f"{names.module}.{names.gate}", 0), _Projection(f"{names.module}.{names.up}", 0)]
     owned = [s for projection in inputs for s in _row_slices(layer, projection, 1)]
@@ -209,7 +245,7 @@ def _mlp_kinds(layer: nn.Module, declaration: DecoderDeclaration) -> dict[str, S
         return {MLP_CHANNEL: mlp_kind(layer, declaration.mlp)}
     kinds = {EXPERT_CHANNEL: expert_kind(layer, names)}
     if names.shared is not None:
-        shared = MLPNames(module=f"{names.module}.{names.shared}")
+        shared = replace(names.shared_mlp, module=f"{names.module}.{names.shared}")
         kinds[SHARED_CHANNEL] = mlp_kind(layer, shared, SHARED_CHANNEL, "shared_expert")
     return kinds
 
@@ -243,10 +279,10 @@ def whole_layer_kind(layer: nn.Module, kinds: dict[str, StructureKind]) -> Struc
 def decoder_anatomy(model: nn.Module, declaration: DecoderDeclaration, adapter_name: str) -> ModelAnatomy:
     """The anatomy of every decoder layer, read off the model's real module shapes."""
     layers = []
-    for index, layer in enumerate(model.model.layers):
+    for index, layer in enumerate(model.get_submodule(declaration.layers)):
         kinds = {ATTN_HEAD: attention_kind(layer, declaration.attention), **_mlp_kinds(layer, declaration)}
         total = sum(p.numel() for p in layer.parameters())
         owned = sum(kind.dense_params for kind in kinds.values())
-        layers.append(LayerAnatomy(index, f"model.layers.{index}", kinds, total - owned, whole_layer_kind(layer, kinds)))
+        layers.append(LayerAnatomy(index, f"{declaration.layers}.{index}", kinds, total - owned, whole_layer_kind(layer, kinds)))
     kind_names = tuple(dict.fromkeys(name for layer in layers for name in layer.kinds))
     return ModelAnatomy(adapter_name, tuple(layers), kind_names, hidden_dimension(model, tuple(layers)))

@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.models.loading import checkpoint_name, tensor_files
 
 log = logging.getLogger(__name__)
@@ -242,12 +243,13 @@ def empty_model(folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Mo
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.name_or_path = str(folder)
     index = checkpoint_index(folder)
-    layer_prefix = ".layers."
+    in_layers = {id(p) for p in adapter_for(model).decoder_layers(model).parameters()}
+    output = model.get_output_embeddings()
     for name, tensor in list(model.named_parameters()):
-        if layer_prefix in f".{name}":
+        if id(tensor) in in_layers:
             continue
         key = name if name in index else None
-        if key is None and getattr(config, "tie_word_embeddings", False) and name.endswith("lm_head.weight"):
+        if key is None and getattr(config, "tie_word_embeddings", False) and output is not None and tensor is output.weight:
             continue  # tied: shares the embedding's tensor, materialised below through tie_weights
         if key is None:
             raise OnloadError(f"the checkpoint in {str(folder)!r} stores no tensor for {name!r}")

@@ -53,7 +53,7 @@ from gisp_plugin.pruning import (
     resolve_method,
     run_method,
 )
-from gisp_plugin.recovery.lora import RecoveryOptions, RecoveryReport, recover
+from gisp_plugin.recovery.lora import RecoveryOptions, RecoveryReport, default_targets, recover
 
 log = logging.getLogger(__name__)
 
@@ -347,7 +347,8 @@ def prune_into(
             compact, params = compact_subnetwork(model, subnetwork, args.pad_to)
             if recovery_data is not None:
                 report = RecoveryReport()
-                recover(compact, tokenizer, recovery_data, RecoveryOptions(steps=args.recover_steps, seed=args.seed), report)
+                recovery_options = RecoveryOptions(steps=args.recover_steps, seed=args.seed, targets=default_targets(model))
+                recover(compact, tokenizer, recovery_data, recovery_options, report)
                 subnetwork.info["recovery"] = {"steps": args.recover_steps, "data": recovery_data.name, "losses": report.losses}
             layers = getattr(compact.config, "pruned_layers", [])
             compact, form = saved_form(compact)

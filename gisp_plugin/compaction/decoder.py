@@ -129,9 +129,15 @@ def _experts(
         modules[kind.router] = {
             "type": "parameters",
             "shapes": {rows.slice.tensor_name: [len(live), hidden]},
-            "attributes": {"top_k": min(router.top_k, len(live)), "num_experts": len(live)},
+            "attributes": _router_attributes(router, len(live)),
         }
     return modules
+
+
+def _router_attributes(router: nn.Module, live: int) -> dict[str, int]:
+    """The router's expert count and top-k (those of the two it has) for ``live`` remaining experts."""
+    attributes = {"num_experts": live, "top_k": min(getattr(router, "top_k", live), live)}
+    return {name: value for name, value in attributes.items() if hasattr(router, name)}
 
 
 def compact_layer(
@@ -170,7 +176,7 @@ def compact_layer(
                 "type": "projection_norm",
                 "features": state[f"{module_path}.weight"].shape[0],
                 "dense_features": dense_tensor(module, "weight").shape[0],
-                "eps": module.variance_epsilon,
+                "eps": getattr(module, "variance_epsilon", getattr(module, "eps", None)),
             }
             continue
         if not isinstance(module, nn.Linear):
@@ -187,20 +193,14 @@ def compact_layer(
     return spec, {key: value.detach().clone() for key, value in state.items()}
 
 
-def _holds_experts(config, index: int) -> bool:
-    """Whether a Qwen-MoE-style config builds layer ``index`` with routed experts (its modelling code's rule)."""
-    step = getattr(config, "decoder_sparse_step", None) or 1
-    experts = getattr(config, "num_experts", None) or 0
-    return index not in (getattr(config, "mlp_only_layers", None) or []) and experts > 0 and (index + 1) % step == 0
-
-
-def config_without_layers(config, kept: list[int]) -> dict:
+def config_without_layers(config, kept: list[int], declaration: DecoderDeclaration | None = None) -> dict:
     """The fields (``to_dict``) of ``config`` for a model holding only the decoder layers ``kept``, renumbered.
 
     ``num_hidden_layers`` shrinks; per-layer lists (``layer_types``: the sliding/full attention pattern of
-    Gemma 2/3, Qwen, Mistral) keep the entries of the kept layers; where a config picks the layers holding
-    routed experts by index (Qwen-MoE's ``mlp_only_layers`` and ``decoder_sparse_step``), the dense layers
-    are listed by their new indices, so every kept layer is built as it was.
+    Gemma 2/3, Qwen, Mistral) keep the entries of the kept layers; where the declaration names the config
+    fields that pick the layers holding routed experts by index (Qwen-MoE's ``mlp_only_layers`` and
+    ``decoder_sparse_step``, ``ExpertNames``), the dense layers are listed by their new indices, so every
+    kept layer is built as it was.
     """
     values = config.to_dict()
     dense = values["num_hidden_layers"]
@@ -210,23 +210,29 @@ def config_without_layers(config, kept: list[int]) -> dict:
         if len(values["layer_types"]) != dense:
             raise ValueError(f"config lists {len(values['layer_types'])} layer types for {dense} layers")
         values["layer_types"] = [values["layer_types"][i] for i in kept]
-    if "decoder_sparse_step" in values or "mlp_only_layers" in values:
-        values["mlp_only_layers"] = [new for new, old in enumerate(kept) if not _holds_experts(config, old)]
-        values["decoder_sparse_step"] = 1
+    experts = declaration.experts if declaration is not None else None
+    if experts is not None and experts.dense_layers_field in values:
+        values[experts.dense_layers_field] = [new for new, old in enumerate(kept) if not experts.holds_experts(config, old)]
+        if experts.sparse_step_field in values:
+            values[experts.sparse_step_field] = 1
     values["num_hidden_layers"] = len(kept)
     return values
 
 
-def pruned_config(dense_config, specs: list[dict], removed_layers: list[int] | None = None):
+def pruned_config(
+    dense_config, specs: list[dict], removed_layers: list[int] | None = None, declaration: DecoderDeclaration | None = None
+):
     """The config of the compacted model: the dense one plus per-layer shapes and remote-code pointers.
 
     ``specs`` describe the kept layers in order; ``removed_layers`` are the dense indices of the layers
-    removed as a whole (recorded as ``config.removed_layers``).
+    removed as a whole (recorded as ``config.removed_layers``); ``declaration`` says which config fields
+    place routed experts by layer index.
     """
     family = dense_config.model_type
     config_cls, model_cls = pruned_classes(family)
     removed = sorted(removed_layers or [])
-    values = config_without_layers(dense_config, [i for i in range(dense_config.num_hidden_layers) if i not in removed])
+    kept = [i for i in range(dense_config.num_hidden_layers) if i not in removed]
+    values = config_without_layers(dense_config, kept, declaration)
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "pruned_layers", "removed_layers"):
         values.pop(key, None)
     config = config_cls(**values, pruned_layers=specs, pruning_base_model_type=family, removed_layers=removed)
@@ -269,11 +275,11 @@ def compact_decoder(
             model.get_submodule(layer.prefix), layer, keep, declaration, layer_extras(extra, layer.prefix), pad_to
         )
         specs.append(spec)
-        state.update({f"model.layers.{new_index}.{key}": value for key, value in tensors.items()})
+        state.update({f"{declaration.layers}.{new_index}.{key}": value for key, value in tensors.items()})
     for key, value in model.state_dict().items():
-        if not key.startswith("model.layers."):
+        if not key.startswith(f"{declaration.layers}."):
             state[key] = value.detach().clone()
-    return assemble_compacted(model, specs, state, keep.removed_layers())
+    return assemble_compacted(model, specs, state, keep.removed_layers(), declaration)
 
 
 def kept_layers(anatomy, keep: KeepMask, extra_biases: dict[str, torch.Tensor]) -> list[LayerAnatomy]:
@@ -295,19 +301,26 @@ def layer_extras(extra_biases: dict[str, torch.Tensor], prefix: str) -> dict[str
 
 
 def assemble_compacted(
-    model: PreTrainedModel, specs: list[dict], state: dict[str, torch.Tensor], removed_layers: list[int] | None = None
+    model: PreTrainedModel,
+    specs: list[dict],
+    state: dict[str, torch.Tensor],
+    removed_layers: list[int] | None = None,
+    declaration: DecoderDeclaration | None = None,
 ) -> PreTrainedModel:
     """The pruned model of per-layer ``specs`` and its full ``state`` (cut layers plus the untouched tensors);
-    ``removed_layers`` are the dense indices of layers removed as a whole (the others renumbered in ``state``).
+    ``removed_layers`` are the dense indices of layers removed as a whole (the others renumbered in ``state``),
+    ``declaration`` the family's (it says how the config places routed experts).
 
     ``model`` gives the dense config, the generation config and the non-persistent buffers (rotary
     frequencies); its weights are not read.
     """
-    config = pruned_config(model.config, specs, removed_layers)
+    config = pruned_config(model.config, specs, removed_layers, declaration)
     _, model_cls = pruned_classes(model.config.model_type)
     with torch.device("meta"):
         compact = model_cls(config)
-    compact.load_state_dict(state, strict=False, assign=True)
+    unexpected = compact.load_state_dict(state, strict=False, assign=True).unexpected_keys
+    if unexpected:  # a rebuilt layer lacks a module the cut one has (say, experts where the config now builds a dense MLP)
+        raise RuntimeError(f"the compacted {model.config.model_type} model has no place for {unexpected[:3]}")
     _copy_buffers(model, compact)
     compact.tie_weights()
     missing = [name for name, p in list(compact.named_parameters()) + list(compact.named_buffers()) if p.is_meta]

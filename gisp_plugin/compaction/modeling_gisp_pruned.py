@@ -72,8 +72,10 @@ def _no_heads_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     batch, seq = hidden_states.shape[:-1]
     if cache is not None:  # the cache's sequence length must stay right for the layers after this one
-        empty = hidden_states.new_zeros(batch, 0, seq, self.head_dim)
-        cache.update(empty, empty, self.layer_idx)
+        # one zero key/value head, never read: a cache of zero heads holds no elements and reports length 0
+        # (transformers' DynamicLayer), so the next token of the whole model would get position 0
+        placeholder = hidden_states.new_zeros(batch, 1, seq, self.head_dim)
+        cache.update(placeholder, placeholder, self.layer_idx)
     output = getattr(self, self.gisp_output_projection)
     return output(hidden_states.new_zeros(batch, seq, 0)), None
 
@@ -167,6 +169,8 @@ def install_pruned_layers(model: nn.Module, config) -> None:
             heads = {key: attention[key] for key in ("num_key_value_heads", "num_key_value_groups")}
             for key, value in heads.items():
                 setattr(attn, key, value)
+            if hasattr(attn, "num_heads"):  # families that shape the queries by it (StableLM, Phi)
+                attn.num_heads = attention["num_heads"]
             attn.config = LayerConfigView(config, {"num_attention_heads": attention["num_heads"], **heads})
             if attention["num_heads"] == 0:
                 attn.gisp_output_projection = attention["output_projection"]
@@ -203,7 +207,8 @@ _CLASSES: dict[str, tuple[type, type]] = {}
 def pruned_classes(model_type: str) -> tuple[type, type]:
     """The pruned config and causal-LM classes of a family (``config.model_type`` of the dense model)."""
     if model_type not in _CLASSES:
-        if model_type not in CONFIG_MAPPING_NAMES or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        # the mappings include families a plugin registered (AutoConfig.register, AutoModelForCausalLM.register)
+        if model_type not in CONFIG_MAPPING or CONFIG_MAPPING[model_type] not in MODEL_FOR_CAUSAL_LM_MAPPING:
             raise KeyError(f"transformers has no causal language model of type {model_type!r}")
         config_cls = CONFIG_MAPPING[model_type]
         model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
@@ -220,11 +225,16 @@ def pruned_classes(model_type: str) -> tuple[type, type]:
     return _CLASSES[model_type]
 
 
+def _is_causal_lm(model_type: str) -> bool:
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or CONFIG_MAPPING[model_type] in MODEL_FOR_CAUSAL_LM_MAPPING
+
+
 def __getattr__(name: str) -> type:
     """``GispPrunedQwen2Config`` and the like, for ``auto_map`` in a saved folder's config."""
     stem = name.removeprefix(PREFIX).removesuffix("Config").removesuffix("ForCausalLM")
-    for model_type, config_name in CONFIG_MAPPING_NAMES.items():
-        if name.startswith(PREFIX) and config_name == f"{stem}Config" and model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    registered = {key: CONFIG_MAPPING[key].__name__ for key in CONFIG_MAPPING if key not in CONFIG_MAPPING_NAMES}
+    for model_type, config_name in {**CONFIG_MAPPING_NAMES, **registered}.items():
+        if name.startswith(PREFIX) and config_name == f"{stem}Config" and _is_causal_lm(model_type):
             pruned_config, pruned_model = pruned_classes(model_type)
             if name in (pruned_config.__name__, pruned_model.__name__):
                 return pruned_config if name == pruned_config.__name__ else pruned_model

@@ -37,7 +37,8 @@ def compact_sharded(
     ``extra_biases`` and ``pad_to`` mean what they mean for ``compact_decoder``.
     """
     adapter = adapter_for(model)
-    if adapter.declaration is None:
+    declaration = adapter.declaration
+    if declaration is None:
         raise ValueError(f"the {adapter.name!r} adapter declares no decoder layout; sharded compaction needs one")
     if keep.hidden_pruned():
         raise ValueError("hidden channels cannot be cut from a model sharded with FSDP yet; prune it unsharded")
@@ -50,12 +51,12 @@ def compact_sharded(
         module = model.get_submodule(layer.prefix)
         with gathered(module):
             if main:
-                spec, tensors = compact_layer(module, layer, keep, adapter.declaration, layer_extras(extra, layer.prefix), pad_to)
+                spec, tensors = compact_layer(module, layer, keep, declaration, layer_extras(extra, layer.prefix), pad_to)
                 specs.append(spec)
-                state.update({f"model.layers.{new_index}.{key}": value for key, value in tensors.items()})
+                state.update({f"{declaration.layers}.{new_index}.{key}": value for key, value in tensors.items()})
     with gathered(model):  # the root's own group: embeddings, final norm, LM head
         if main:
             for key, value in dense_state(model).items():
-                if not key.startswith("model.layers."):
+                if not key.startswith(f"{declaration.layers}."):
                     state[key] = value.detach().clone()
-    return assemble_compacted(model, specs, state, keep.removed_layers()) if main else None
+    return assemble_compacted(model, specs, state, keep.removed_layers(), declaration) if main else None

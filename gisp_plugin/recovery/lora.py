@@ -22,11 +22,11 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from gisp_plugin.adapters.api import adapter_for
+from gisp_plugin.compaction.modeling_gisp_pruned import GatheredLinear
 from gisp_plugin.data.api import CalibrationSet
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj")
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class RecoveryOptions:
     """LoRA recovery settings (LLM-Pruner's post-training uses rank 8, alpha 16, dropout 0.05, lr 1e-4).
 
     ``steps``: optimizer steps (each one batch of ``batch_size`` calibration sequences, cycling through
-    the set); ``targets``: names of the linear layers that get adapters.
+    the set); ``targets``: names of the linear layers that get adapters (default: every projection the
+    family's declaration names, see ``DecoderDeclaration.projections``).
     """
 
     steps: int = 100
@@ -44,7 +45,7 @@ class RecoveryOptions:
     dropout: float = 0.05
     batch_size: int = 4
     weight_decay: float = 0.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
+    targets: tuple[str, ...] | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,8 +67,8 @@ def adaptable_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
     """Full names of the ``nn.Linear`` modules whose last name is in ``targets`` and that have weights.
 
     A fully pruned block leaves zero-size projections behind; they get no adapter. Neither do key/value
-    projections that repeat their output rows for uneven query-head groups (``gather``): an adapter's
-    output would not line up with the repeated rows.
+    projections that repeat their output rows for uneven query-head groups (``GatheredLinear``): an
+    adapter's output would not line up with the repeated rows.
     """
     if any(parametrize.is_parametrized(m) for m in model.modules()):
         raise ValueError("the model still wears pruning masks; compact it (or release the masks) before recovery")
@@ -77,12 +78,20 @@ def adaptable_modules(model: nn.Module, targets: Sequence[str]) -> list[str]:
             isinstance(module, nn.Linear)
             and name.rsplit(".", 1)[-1] in targets
             and module.weight.numel() > 0
-            and not hasattr(module, "gather")
+            and not isinstance(module, GatheredLinear)
         ):
             names.append(name)
     if not names:
         raise ValueError(f"no linear layer named one of {', '.join(targets)} with weights; nothing to adapt")
     return names
+
+
+def default_targets(model: PreTrainedModel) -> tuple[str, ...]:
+    """The projections the family's declaration names (a compacted model is of its dense family)."""
+    declaration = adapter_for(model).declaration
+    if declaration is None:
+        raise ValueError(f"the {adapter_for(model).name!r} adapter declares no projections; give RecoveryOptions(targets=...)")
+    return declaration.projections
 
 
 def _pad_id(tokenizer) -> int:
@@ -126,7 +135,7 @@ def recover(
     """
     options = options or RecoveryOptions()
     report = report if report is not None else RecoveryReport()
-    modules = adaptable_modules(model, options.targets)
+    modules = adaptable_modules(model, options.targets or default_targets(model))
     report.modules = modules
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training

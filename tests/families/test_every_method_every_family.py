@@ -16,7 +16,7 @@ from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.checkpoint.saving import count_params
 from gisp_plugin.cli import main
 from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import FAMILIES, MOE_FAMILIES, SAMPLE_TEXT, random_ids, tiny_model
+from tests.tiny import DERIVED_FAMILIES, FAMILIES, MOE_FAMILIES, SAMPLE_TEXT, random_ids, tiny_model
 
 METHODS = {
     "magnitude": [],
@@ -66,6 +66,9 @@ def test_method_prunes_family_end_to_end(tmp_path, folders, family, method):
     # LLM-Pruner removes whole key/value groups in every layer alike: with 1-2 groups per layer it lands
     # coarsely (0.41); REAP removes whole experts of 4-6 per layer
     assert 0.15 < record["sparsity"] < 0.45, record["sparsity"]
+    derived = family in DERIVED_FAMILIES  # read off the modules and proved by the self-check before pruning
+    assert record["info"]["anatomy"]["anatomy"] == ("derived" if derived else "declared")
+    assert record["info"]["anatomy"]["self_check"] == ("passed" if derived else "not needed")
 
     pruned = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
     assert count_params(pruned) == {key: record["params"][key] for key in ("decoder", "total")}
@@ -82,19 +85,20 @@ def test_method_prunes_family_end_to_end(tmp_path, folders, family, method):
 def _folded_biases(dense, pruned) -> dict[str, torch.Tensor]:
     """Output biases the pruned model adds over the dense one (FLAP's compensation; none for the others).
 
-    Layers removed whole (ShortGPT) are absent from the pruned model, the others renumbered.
+    Only the output projections keep their width (the hidden size) and can carry one, whatever the family
+    names them. Layers removed whole (ShortGPT) are absent from the pruned model, the others renumbered.
     """
     removed = pruned.config.removed_layers
     kept = [i for i in range(dense.config.num_hidden_layers) if i not in removed]
     out = {}
-    for path, module in dense.named_modules():
-        if isinstance(module, torch.nn.Linear) and path.endswith(("o_proj", "down_proj")):
-            layer = int(path.split(".")[2])
-            if layer in removed:
-                continue
-            added = pruned.get_submodule(path.replace(f"layers.{layer}.", f"layers.{kept.index(layer)}.", 1)).bias
-            if added is not None:
-                out[path] = added.detach() - (module.bias.detach() if module.bias is not None else 0)
+    for path, module in dense.model.layers.named_modules(prefix="model.layers"):
+        layer = int(path.split(".")[2]) if path.count(".") > 2 else None
+        if not isinstance(module, torch.nn.Linear) or layer is None or layer in removed:
+            continue
+        added = pruned.get_submodule(path.replace(f"layers.{layer}.", f"layers.{kept.index(layer)}.", 1)).bias
+        dense_bias = module.bias.detach() if module.bias is not None else torch.zeros(module.out_features)
+        if added is not None and added.shape == dense_bias.shape and not torch.equal(added.detach(), dense_bias):
+            out[path] = added.detach() - dense_bias
     return out
 
 
