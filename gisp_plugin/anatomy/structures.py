@@ -188,8 +188,8 @@ class ModelAnatomy:
     adapter: str
     layers: tuple[LayerAnatomy, ...]
     kind_names: tuple[str, ...] = field(default=("attn_head", "mlp_channel"))
-    shape: str = "free"
     hidden: HiddenDimension | None = None
+    shape: str = "free"
 
     @property
     def dense_params(self) -> int:

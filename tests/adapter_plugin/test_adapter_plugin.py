@@ -81,19 +81,23 @@ def _prune(folder, text, out, method, *extra):
     return out / f"{method}-s0.30"
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# SlimGPT changes the kept weights: its masked = compacted equality needs them put back, which
+# tests/families/test_every_method_every_family.py does for the declared names it reads
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "slimgpt"])
 def test_every_method_prunes_the_plugin_family_and_compaction_equals_masking(folder, tmp_path, method):
     dense_folder, text = folder
     pruned_folder = _prune(dense_folder, text, tmp_path / "out", method)
     record = json.loads((pruned_folder / "pruning.json").read_text())
     assert record["info"]["anatomy"] == {"adapter": "renamed", "anatomy": "declared", "self_check": "not needed"}
     pruned = AutoModelForCausalLM.from_pretrained(pruned_folder, trust_remote_code=True)
-    assert type(pruned).__name__ == "GispPrunedRenamedForCausalLM"
+    native = record["info"]["saved_form"]["form"] == "native"  # one shape per layer: the family's own model
+    assert type(pruned).__name__ == ("RenamedForCausalLM" if native else "GispPrunedRenamedForCausalLM")
     dense = AutoModelForCausalLM.from_pretrained(dense_folder)
     anatomy = adapter_for(dense).anatomy(dense)
     ids = random_ids(2, 10)
     with MaskedModel(dense, anatomy) as masked, torch.no_grad():
-        masked.apply(KeepMask.from_json(anatomy, record["pruned_structures"]), _folded_biases(dense, pruned))
+        keep = KeepMask.from_json(anatomy, record["pruned_structures"])
+        masked.apply(keep, _folded_biases(dense, pruned, keep.removed_layers()))
         torch.testing.assert_close(pruned(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
 
 

@@ -78,17 +78,16 @@ def test_method_prunes_family_end_to_end(tmp_path, folders, family, method):
     ids = random_ids(2, 10)
     with MaskedModel(dense, anatomy) as masked, torch.no_grad():
         compensated = _compensated_weights(dense, pruned, keep) if method == "slimgpt" else None
-        masked.apply(keep, _folded_biases(dense, pruned), compensated)
+        masked.apply(keep, _folded_biases(dense, pruned, keep.removed_layers()), compensated)
         torch.testing.assert_close(pruned(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def _folded_biases(dense, pruned) -> dict[str, torch.Tensor]:
+def _folded_biases(dense, pruned, removed: list[int]) -> dict[str, torch.Tensor]:
     """Output biases the pruned model adds over the dense one (FLAP's compensation; none for the others).
 
     Only the output projections keep their width (the hidden size) and can carry one, whatever the family
-    names them. Layers removed whole (ShortGPT) are absent from the pruned model, the others renumbered.
+    names them. Layers removed whole (``removed``: ShortGPT) are absent from the pruned model, the others renumbered.
     """
-    removed = pruned.config.removed_layers
     kept = [i for i in range(dense.config.num_hidden_layers) if i not in removed]
     out = {}
     for path, module in dense.model.layers.named_modules(prefix="model.layers"):
@@ -105,7 +104,7 @@ def _folded_biases(dense, pruned) -> dict[str, torch.Tensor]:
 def _compensated_weights(dense, pruned, keep: KeepMask) -> dict[str, torch.Tensor]:
     """SlimGPT's compensated ``o_proj`` / ``down_proj`` weights, read back from the pruned model: its kept
     columns scattered into dense-shaped tensors (zero where a unit is removed; padding columns left out)."""
-    kept_layers = [i for i in range(dense.config.num_hidden_layers) if i not in pruned.config.removed_layers]
+    kept_layers = [i for i in range(dense.config.num_hidden_layers) if i not in keep.removed_layers()]
     out = {}
     for new, layer in enumerate(kept_layers):
         for kind, projection in (("attn_head", "self_attn.o_proj"), ("mlp_channel", "mlp.down_proj")):
