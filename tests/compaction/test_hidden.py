@@ -11,11 +11,13 @@ from gisp_plugin.checkpoint.saving import count_params
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.compaction.hidden import gain_offset
 from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import FAMILIES, random_ids, random_keep, tiny_model
+from tests.tiny import DERIVED_FAMILIES, FAMILIES, random_ids, random_keep, tiny_model
 
 # OLMoE builds its q_norm/k_norm over hidden_size (they are over the projections): its own config cannot hold
 # a smaller hidden size, and compaction says so (test_olmoe_refused).
-CUT = [family for family in FAMILIES if family != "olmoe"]
+# the declared families (OLMoE's own code builds q_norm over hidden_size: refused); derived families carry
+# quirks of their own (LayerNorm in Cohere and StableLM is refused): covered family by family in later work
+CUT = [family for family in FAMILIES if family != "olmoe" and family not in DERIVED_FAMILIES]
 KEPT = 24  # of 48: a multiple of every tiny family's head count, as the families' configs require
 
 
