@@ -313,6 +313,7 @@ def test_compare_on_a_mixture_of_experts_runs_the_removal_methods_and_leaves_out
     model_dir, text = tiny_folder(tmp_path, "qwen2_moe", tokenizer)
     values = {
         "model": str(model_dir),
+        "methods": ["all"],  # every registered method (the default list is curated)
         "evals": [f"perplexity:source=file:{text},seqlen=16,max_windows=4"],
         "calibration": f"file:{text}",
         "n_samples": 4,
