@@ -178,8 +178,8 @@ def check_same_outputs(reference: PreTrainedModel, candidate: PreTrainedModel, f
 
 def to_native(model: PreTrainedModel, pad: bool = False, grouping: str = "pad") -> tuple[PreTrainedModel, list[str]]:
     """The family's own model equal to ``model`` and what was padded (``pad``); ``NativeFormError`` if none is."""
-    parts = model_parts(model)
     try:
+        parts = model_parts(model)  # a family derived from its modules is not found again from a compacted model
         layers = [read_layer(layer, parts.declaration) for layer in parts.layers]
     except ValueError as err:
         raise NativeFormError(str(err)) from None
