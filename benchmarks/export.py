@@ -6,7 +6,8 @@ float32 GGUF (architecture deci) and runs it in llama.cpp (llama-cpp-python, CPU
 - perplexity in llama.cpp on the held-apart text, on the very token windows the project's evaluator uses
   (``perplexity:source=boolq-wiki,seqlen=128``, the default comparison's), beside that evaluator's number;
 - prefill tokens/s (one batch of ``--prefill`` tokens) and decode tokens/s (``--decode`` tokens one at a time
-  through the cache), the best of ``--repeats`` runs, each model in the same process one after the other;
+  through the cache), the best of ``--repeats`` runs, timed after all pruning, each model in turns with the
+  dense one (dense, model, dense, model, ...) so that load on a shared machine falls on both sides of a ratio;
 - speed-up over dense and its ratio to the parameter bound: the dense model's matrix parameters per token
   (decoder plus LM head) over the exported model's (what llama.cpp executes, padding included);
 - the GGUF file size.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from gisp_plugin.checkpoint.saving import PruningRecord, count_params, save_pruned
 from gisp_plugin.data.api import CalibrationRequest
@@ -89,22 +91,38 @@ def llama_perplexity(path: Path, windows: torch.Tensor, threads: int) -> tuple[f
     return ppl, stderr
 
 
-def llama_speed(path: Path, prefill: int, decode: int, repeats: int, threads: int) -> tuple[float, float]:
-    """Best prefill and decode tokens/s of ``repeats`` runs."""
-    model = _llama(path, prefill + decode, threads)
+def _speed_once(model, ids: list[int], decode: int) -> tuple[float, float]:
+    """Prefill tokens/s (one batch) and decode tokens/s (one token at a time through the cache), from an empty cache."""
+    model.reset()
+    started = time.perf_counter()
+    model.eval(ids)
+    prefill = len(ids) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for step in range(decode):
+        model.eval([ids[step % len(ids)]])
+    return prefill, decode / (time.perf_counter() - started)
+
+
+def paired_speed(dense: Path, path: Path, prefill: int, decode: int, repeats: int, threads: int) -> dict[str, float]:
+    """Best tokens/s of the dense and the exported model, timed in turns (dense, model, dense, ...).
+
+    The two are measured alternately, ``repeats`` times each, so a change of load on a shared machine falls
+    on both: the ratio of their best times is the speed-up, not an artefact of when each was measured.
+    """
     ids = torch.randint(3, 1000, (prefill,), generator=torch.Generator().manual_seed(0)).tolist()
-    best_prefill, best_decode = 0.0, 0.0
+    models = {"dense": _llama(dense, prefill + decode, threads), "model": _llama(path, prefill + decode, threads)}
+    best = {name: [0.0, 0.0] for name in models}
     for _ in range(repeats):
-        model.reset()
-        started = time.perf_counter()
-        model.eval(ids)
-        best_prefill = max(best_prefill, prefill / (time.perf_counter() - started))
-        started = time.perf_counter()
-        for step in range(decode):
-            model.eval([ids[step % prefill]])
-        best_decode = max(best_decode, decode / (time.perf_counter() - started))
-    model.close()
-    return best_prefill, best_decode
+        for name, model in models.items():
+            best[name] = [max(old, new) for old, new in zip(best[name], _speed_once(model, ids, decode), strict=True)]
+    for model in models.values():
+        model.close()
+    return {
+        "prefill_tok_s": best["model"][0],
+        "decode_tok_s": best["model"][1],
+        "prefill_speedup": best["model"][0] / best["dense"][0],
+        "decode_speedup": best["model"][1] / best["dense"][1],
+    }
 
 
 def matrix_params(report, model) -> int:
@@ -128,7 +146,6 @@ def measure(name: str, model, tokenizer, record, windows, args, work: Path) -> l
 
 def _llama_row(name: str, report, model, ppl: float, stderr: float, record, windows, args) -> dict:
     llama_ppl, llama_stderr = llama_perplexity(report.path, windows, args.threads)
-    prefill, decode = llama_speed(report.path, args.prefill, args.decode, args.repeats, args.threads)
     row = {
         "model": name,
         "ppl_project": ppl,
@@ -136,8 +153,7 @@ def _llama_row(name: str, report, model, ppl: float, stderr: float, record, wind
         "ppl_llama_cpp": llama_ppl,
         "ppl_llama_cpp_stderr": llama_stderr,
         "ppl_relative_difference": abs(llama_ppl - ppl) / ppl,
-        "prefill_tok_s": prefill,
-        "decode_tok_s": decode,
+        "gguf": str(report.path),
         "matrix_params": matrix_params(report, model),
         "executed_over_compacted": report.overhead,
         "padding": report.padding,
@@ -146,6 +162,13 @@ def _llama_row(name: str, report, model, ppl: float, stderr: float, record, wind
     }
     logging.getLogger(__name__).warning("%s: %s", name, json.dumps({k: v for k, v in row.items() if k != "padding"}))
     return row
+
+
+def time_rows(rows: list[dict], args) -> None:
+    """Speed of every exported model beside the dense one, after all pruning (so nothing else runs meanwhile)."""
+    dense = Path(rows[0]["gguf"])
+    for row in tqdm(rows, desc="timing", unit="model"):
+        row.update(paired_speed(dense, Path(row["gguf"]), args.prefill, args.decode, args.repeats, args.threads))
 
 
 def _record(args, method: str, options: dict, subnetwork, compact, params, form) -> PruningRecord:
@@ -194,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                         rows.append(
                             {**row, "method": method, "shape": shape, "target": subnetwork.target, "sparsity": record.sparsity}
                         )
+        time_rows(rows, args)
     dense = rows[0]
     print(f"{args.model}: llama.cpp (llama-cpp-python, {args.threads} threads, f32 GGUF) vs the project's evaluator")
     print(
@@ -206,8 +230,6 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         bound = dense["matrix_params"] / row["matrix_params"]
-        row["prefill_speedup"] = row["prefill_tok_s"] / dense["prefill_tok_s"]
-        row["decode_speedup"] = row["decode_tok_s"] / dense["decode_tok_s"]
         row["param_bound"] = bound
         row["prefill_speedup_over_bound"] = row["prefill_speedup"] / bound
         print(
