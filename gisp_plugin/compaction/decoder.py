@@ -321,7 +321,7 @@ def assemble_compacted(
     unexpected = compact.load_state_dict(state, strict=False, assign=True).unexpected_keys
     if unexpected:  # a rebuilt layer lacks a module the cut one has (say, experts where the config now builds a dense MLP)
         raise RuntimeError(f"the compacted {model.config.model_type} model has no place for {unexpected[:3]}")
-    _copy_buffers(model, compact)
+    copy_meta_buffers(model, compact)
     compact.tie_weights()
     missing = [name for name, p in list(compact.named_parameters()) + list(compact.named_buffers()) if p.is_meta]
     if missing:
@@ -331,7 +331,7 @@ def assemble_compacted(
     return compact
 
 
-def _copy_buffers(source: nn.Module, target: nn.Module) -> None:
+def copy_meta_buffers(source: nn.Module, target: nn.Module) -> None:
     """Carry non-persistent buffers (rotary frequencies) that a meta-built model lacks."""
     source_buffers = dict(source.named_buffers())
     for name, buffer in list(target.named_buffers()):

@@ -126,7 +126,7 @@ def read_attention(layer: nn.Module, names: AttentionNames) -> AttentionTensors:
     first_reader = {row: h for h, row in reversed(list(enumerate(source)))}
     distinct = sorted(first_reader, key=first_reader.get)
     heads = [first_reader[row] // group for row in distinct]  # the effective k/v head that holds each distinct one
-    rows_of = torch.cat([torch.arange(j * head_dim, (j + 1) * head_dim) for j in heads]) if heads else torch.arange(0)
+    rows_of = _head_rows(heads, head_dim)
     pick = lambda t: None if t is None else t[rows_of]  # noqa: E731
     return AttentionTensors(
         head_dim=head_dim,
@@ -183,6 +183,26 @@ def _zero_rows(tensor: torch.Tensor | None, rows: int) -> torch.Tensor | None:
     return None if tensor is None else torch.cat([tensor, tensor.new_zeros(rows, *tensor.shape[1:])])
 
 
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    """The rows of a projection that heads ``heads`` own, in that order (head ``h``: rows ``h*hd .. (h+1)*hd``)."""
+    if not heads:
+        return torch.arange(0)
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
+def _query_heads_in_order(attention: AttentionTensors, order: list[int]) -> dict[str, torch.Tensor | None]:
+    """Query rows, their biases and output columns laid out as ``order``; index ``n_head`` names a zero head.
+
+    A zero query head (zero query rows, zero output columns) is inert: its attention output is multiplied by
+    zero, so padding groups with it keeps the layer's output exactly.
+    """
+    hd = attention.head_dim
+    rows = _head_rows(order, hd)
+    q, q_bias = _zero_rows(attention.q, hd), _zero_rows(attention.q_bias, hd)
+    o = torch.cat([attention.o, attention.o.new_zeros(attention.o.shape[0], hd)], dim=1)
+    return {"q": q[rows], "q_bias": None if q_bias is None else q_bias[rows], "o": o[:, rows]}
+
+
 def grouping_cost(attention: AttentionTensors, grouping: str) -> int:
     """Query plus key/value heads executed after making the groups even with ``grouping`` (``pad`` or ``replicate``).
 
@@ -203,10 +223,8 @@ def even_groups(attention: AttentionTensors, grouping: str = "auto") -> Attentio
         return attention
     if grouping == "auto":
         grouping = min(("pad", "replicate"), key=lambda g: grouping_cost(attention, g))
-    hd = attention.head_dim
-    head_rows = lambda heads: torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])  # noqa: E731
     if grouping == "replicate":
-        kv_rows = head_rows(attention.kv_of)
+        kv_rows = _head_rows(attention.kv_of, attention.head_dim)
         pick = lambda t: None if t is None else t[kv_rows]  # noqa: E731
         return replace(
             attention,
@@ -220,17 +238,7 @@ def even_groups(attention: AttentionTensors, grouping: str = "auto") -> Attentio
     size = max(len(g) for g in groups)
     zero_head = attention.n_head  # the index of an appended zero query head
     order = [h for g in groups for h in g + [zero_head] * (size - len(g))]
-    q = _zero_rows(attention.q, hd)
-    q_bias = _zero_rows(attention.q_bias, hd)
-    o = torch.cat([attention.o, attention.o.new_zeros(attention.o.shape[0], hd)], dim=1)
-    rows = head_rows(order)
-    return replace(
-        attention,
-        q=q[rows],
-        q_bias=None if q_bias is None else q_bias[rows],
-        o=o[:, rows],
-        kv_of=[h // size for h in range(len(order))],
-    )
+    return replace(attention, **_query_heads_in_order(attention, order), kv_of=[h // size for h in range(len(order))])
 
 
 def zero_head_attention(attention: AttentionTensors) -> AttentionTensors:
@@ -270,16 +278,10 @@ def pad_heads(attention: AttentionTensors, n_head: int, n_kv: int) -> AttentionT
     for j in range(n_kv):
         kept = [j * have + i for i in range(have)] if j < attention.n_kv else []
         order += kept + [attention.n_head] * (group - len(kept))
-    head_rows = lambda heads: torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])  # noqa: E731
-    rows = head_rows(order)
     extra_kv = (n_kv - attention.n_kv) * hd
-    q, q_bias = _zero_rows(attention.q, hd), _zero_rows(attention.q_bias, hd)
-    o = torch.cat([attention.o, attention.o.new_zeros(attention.o.shape[0], hd)], dim=1)
     return replace(
         attention,
-        q=q[rows],
-        q_bias=None if q_bias is None else q_bias[rows],
-        o=o[:, rows],
+        **_query_heads_in_order(attention, order),
         k=_zero_rows(attention.k, extra_kv) if extra_kv else attention.k,
         v=_zero_rows(attention.v, extra_kv) if extra_kv else attention.v,
         k_bias=_zero_rows(attention.k_bias, extra_kv) if extra_kv else attention.k_bias,

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from gisp_plugin.anatomy.decoder import DecoderDeclaration
+from gisp_plugin.compaction.decoder import copy_meta_buffers
 from gisp_plugin.export.engine_layers import EngineLayer, even_groups, pad_heads, pad_mlp, read_layer
 from gisp_plugin.export.model_parts import ModelParts, model_parts
 
@@ -140,14 +141,7 @@ def _build(model: PreTrainedModel, parts: ModelParts, shape: NativeShape, state:
             f"the compacted model holds {tuple(state[wrong[0]].shape)}"
         )
     native.load_state_dict({k: v.clone() for k, v in state.items()}, strict=False, assign=True)
-    for name, buffer in model.named_buffers():  # rotary frequencies and other computed buffers
-        owner, _, attr = name.rpartition(".")
-        try:
-            target = native.get_submodule(owner)
-        except AttributeError:
-            continue
-        if attr in target._buffers and target._buffers[attr] is not None and target._buffers[attr].is_meta:
-            target._buffers[attr] = buffer.clone()
+    copy_meta_buffers(model, native)  # rotary frequencies and other computed buffers
     native.tie_weights()
     unset = [name for name, p in list(native.named_parameters()) + list(native.named_buffers()) if p.is_meta]
     if unset:
