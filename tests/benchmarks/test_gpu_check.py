@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,23 @@ def test_help():
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.parse_args(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_a_child_past_the_deadline_is_stopped_with_its_own_children(tmp_path):
+    """A hung torchrun must not hold the GPU past the check: the whole process group goes at the deadline."""
+    s = gpu_check.setting(dry_run=True, timeout_s=1.0)
+    marker = tmp_path / "grandchild.pid"
+    script = f"sleep 60 & echo $! > {marker}; wait"
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"stopped at the check's time limit \(1 s\)"):
+        gpu_check.run_child(["bash", "-c", script], tmp_path / "log.txt", s)
+    assert time.monotonic() - started < 15  # not the 60 s of the grandchild, which kept the output pipe open
+    grandchild = int(marker.read_text())
+    for _ in range(50):  # SIGKILL is delivered asynchronously; the zombie is reaped by init
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the grandchild {grandchild} outlived the deadline")
