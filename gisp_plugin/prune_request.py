@@ -8,7 +8,8 @@ folder), so an invalid request never exists and fails with the same one line whi
 What needs the loaded model is checked by ``gisp_plugin.pruning.check_run`` once it is loaded.
 
 The checks are the ones ``gisp compare``'s ``ComparisonConfig`` uses where both check the same thing
-(``gisp_plugin.inputs``, ``check_targets``, ``parse_dtype``, ``check_shape``, ``check_export_formats``).
+(``gisp_plugin.inputs``, ``check_targets``, ``parse_dtype``, ``check_shape``, ``check_export_formats``,
+``check_split``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gisp_plugin.data.api import CalibrationRequest
 from gisp_plugin.data.loading import check_data_source
 from gisp_plugin.deploy.padding import default_pad_to
 from gisp_plugin.deploy.quantize import QuantChoice, check_quantization
-from gisp_plugin.distributed.context import DistributedSetup, launch_setup
+from gisp_plugin.distributed.context import DistributedSetup, check_split, launch_setup
 from gisp_plugin.export.api import ExportOptions
 from gisp_plugin.export.run import check_export_formats
 from gisp_plugin.importance.shapes import check_shape
@@ -117,7 +118,8 @@ class PruneRequest:
         self._set(pad_to=default_pad_to(self.device, self.pad_to))
         self._set(recovery_data=self._recovery_data())
         launch = launch_setup()
-        check_ranks(self.data, launch)
+        if self.data is not None:  # under torchrun every rank needs at least one calibration sequence
+            check_split(f"--n-samples {self.data.n_samples}", self.data.n_samples, launch.world_size)
         self._check_sharding(launch)
         check_before_loading(self.model, self.method, self.targets, self.options)  # steps and reach, from config.json alone
         limit = folder_context_limit(self.model) if Path(self.model).expanduser().is_dir() else None
@@ -224,12 +226,3 @@ def calibration_for(
         seqlen=_given(seqlen, default.seqlen),
         seed=seed,
     )
-
-
-def check_ranks(request: CalibrationRequest | None, launch: DistributedSetup) -> None:
-    """Under torchrun every rank needs at least one calibration sequence (checked before the model loads)."""
-    if request is not None and launch.world_size > request.n_samples:
-        raise ValueError(
-            f"--n-samples {request.n_samples} cannot be split across {launch.world_size} ranks; "
-            f"give at least {launch.world_size} calibration samples, or fewer ranks"
-        )
