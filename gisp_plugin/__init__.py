@@ -19,6 +19,8 @@ _EXPORTS = {
     "load_pruned": "gisp_plugin.checkpoint.saving",
     "save_pruned": "gisp_plugin.checkpoint.saving",
     "run_method": "gisp_plugin.pruning",
+    "PruneRequest": "gisp_plugin.prune_request",
+    "prune": "gisp_plugin.prune_job",
     "compact_subnetwork": "gisp_plugin.pruning",
     "Trajectory": "gisp_plugin.checkpoint.trajectory",
     "KeepMask": "gisp_plugin.anatomy.structures",

@@ -5,12 +5,14 @@ card ``README.md``. A compacted model whose layers differ in shape is saved with
 modelling file copied beside it (``trust_remote_code=True`` loads it without this package); the family's own
 model (``export.native.saved_form``: every layer of one shape) is saved as it is, and loads without remote
 code. Folders are written under a temporary name and renamed when complete, so an interrupted save never
-leaves a half-written model behind. No pickle: safetensors and JSON only.
+leaves a half-written model behind; an old folder is renamed aside and deleted only once the new one is in
+place, so no crash loses both. No pickle: safetensors and JSON only.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -80,6 +82,7 @@ def save_pruned(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    _restore_aside(out_dir)
     try:
         model.save_pretrained(tmp)
         if is_gisp_pruned(model.config):
@@ -91,10 +94,43 @@ def save_pruned(
     except BaseException:  # an error or a stop (Ctrl-C, torchrun's SIGTERM) mid-save leaves nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.replace(out_dir)
+    _swap_in(tmp, out_dir)
     return out_dir
+
+
+def _aside(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.old")
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Put the complete folder ``tmp`` at ``out_dir``. An old folder there is renamed aside first and deleted
+    only once the new one is in place; if the swap fails, the old one is put back and ``tmp`` removed. A crash
+    between the two renames leaves the old folder whole beside it, which the next save puts back first."""
+    aside = _aside(out_dir)
+    replacing = out_dir.exists()
+    if replacing:
+        os.replace(out_dir, aside)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if replacing:
+            os.replace(aside, out_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if replacing:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _restore_aside(out_dir: Path) -> None:
+    """Undo what a save that crashed mid-swap left: the old folder renamed aside is put back where it was
+    (or, when the new one made it into place, deleted)."""
+    aside = _aside(out_dir)
+    if not aside.exists():
+        return
+    if out_dir.exists():
+        shutil.rmtree(aside)
+    else:
+        os.replace(aside, out_dir)
 
 
 def read_record(path: str | Path) -> dict[str, Any]:

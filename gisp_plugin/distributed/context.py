@@ -132,6 +132,15 @@ def device_for(setup: DistributedSetup, device: str) -> str:
     return device
 
 
+def check_split(given: str, n_samples: int, world_size: int) -> None:
+    """Every rank needs at least one calibration sequence: checked before any model loads, by ``gisp prune``
+    and ``gisp compare`` alike (``given`` names the count as the user gave it: ``--n-samples 3``, ``n_samples=3``)."""
+    if world_size > n_samples:
+        raise InputError(
+            f"{given} cannot be split across {world_size} ranks; give at least {world_size} calibration samples, or fewer ranks"
+        )
+
+
 def shard_range(n: int, setup: DistributedSetup) -> range:
     """This rank's contiguous share of ``n`` items, in order: rank r takes ``[n*r//W, n*(r+1)//W)``.
 

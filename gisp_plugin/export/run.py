@@ -12,9 +12,11 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from gisp_plugin.export.api import ExportError, ExportFormat, ExportOptions, ExportReport
+from gisp_plugin.inputs import check_name_list
 from gisp_plugin.models.loading import load_model, resolve_model_path
 from gisp_plugin.plugins.manager import lookup
 
@@ -25,6 +27,15 @@ REPORT_FILE = "export.json"
 def export_format(name: str) -> ExportFormat:
     """The registered format called ``name`` (an unknown one names those available)."""
     return lookup("export format", name)
+
+
+def check_export_formats(names: str | Sequence[str] | None) -> list[str]:
+    """Format names to export to (a list, or one comma-separated string; ``None``: none), each registered:
+    the one check of ``gisp prune --export`` and of a comparison's ``export`` key."""
+    names = check_name_list("export", [] if names is None else names)
+    for name in names:
+        export_format(name)
+    return names
 
 
 def default_out(source: Path, fmt: ExportFormat, options: ExportOptions) -> Path:

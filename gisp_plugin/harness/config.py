@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import yaml
 
-from gisp_plugin.export.run import export_format
+from gisp_plugin.export.run import check_export_formats
 from gisp_plugin.importance.shapes import check_shape
 from gisp_plugin.inputs import InputError, check_fraction_list, check_int, check_name_list, check_text
 from gisp_plugin.models.loading import DEFAULT_MODEL, parse_dtype
@@ -111,9 +111,7 @@ class ComparisonConfig:
         check_shape(self.shape)
         if not isinstance(self.save_models, bool):
             raise ConfigError(f"save_models must be true or false, got {self.save_models!r}")
-        self.export = check_name_list("export", [self.export] if isinstance(self.export, str) else self.export)
-        for name in self.export:
-            export_format(name)
+        self.export = check_export_formats(self.export)  # the same check as gisp prune --export
         if self.export and not self.save_models:
             raise ConfigError("export writes beside the saved models: set save_models (--save-models) too")
 

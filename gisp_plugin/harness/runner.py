@@ -36,6 +36,7 @@ from gisp_plugin.deploy.quantize import QuantChoice, parse_row_quantizations, qu
 from gisp_plugin.deploy.size import serialized_bytes, size_metrics
 from gisp_plugin.distributed.context import (
     DistributedSetup,
+    check_split,
     current_setup,
     device_for,
     init_distributed,
@@ -178,12 +179,8 @@ class Comparison:
         self.quantize = parse_row_quantizations(config.quantize, list(self.methods), config.device, config.dtype)
         self.pad_to = default_pad_to(config.device, config.pad_to)
         check_results_folder(out, config)
-        ranks = launch_setup().world_size
-        if config.n_samples < ranks and any(self._needs_data(m) for m in self.methods):
-            raise ConfigError(
-                f"n_samples={config.n_samples} cannot be split across {ranks} ranks; "
-                f"give at least {ranks} calibration samples, or fewer ranks"
-            )
+        if any(self._needs_data(m) for m in self.methods):  # the same check as gisp prune's
+            check_split(f"n_samples={config.n_samples}", config.n_samples, launch_setup().world_size)
         self.model, self.tokenizer = load_model(config.model, device_for(launch_setup(), config.device), config.dtype)
         self._check_data(context_limit(self.model.config), False)  # a hub model's context is known only now
         self._keep_applicable_methods()

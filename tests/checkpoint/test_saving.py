@@ -2,8 +2,10 @@
 
 import errno
 import json
+import os
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +114,46 @@ def test_save_replaces_atomically_and_leaves_no_partial(tmp_path, tokenizer):
     save_pruned(compact, tokenizer, tmp_path / "m", replace(record, method="other"))  # a save that completes
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
     assert json.loads((tmp_path / "m" / "pruning.json").read_text())["method"] == "other"
+
+
+def _fail_swap(monkeypatch) -> list[tuple[str, str]]:
+    """``os.replace`` that fails to move the complete new folder into place, as a rename does on a read-only
+    directory; every other rename works. Returns the renames asked for."""
+    real, calls = os.replace, []
+
+    def replace_(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if Path(src).name.endswith(".partial"):
+            raise OSError(errno.EROFS, "Read-only file system", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_)
+    return calls
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path, tokenizer, monkeypatch):
+    _, compact, _, _, record = _pruned("qwen2")
+    save_pruned(compact, tokenizer, tmp_path / "m", record)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    calls = _fail_swap(monkeypatch)
+    with pytest.raises(OSError, match="Read-only file system"):
+        save_pruned(compact, tokenizer, tmp_path / "m", replace(record, method="other"))
+    assert (".m.partial", "m") in calls  # the swap itself failed, after the new folder was complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing partial, nothing aside
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before  # the old one whole
+
+
+def test_a_crash_mid_swap_loses_nothing(tmp_path, tokenizer):
+    """A process killed between the two renames leaves the old folder aside; the next save puts it back first,
+    so a save that then fails still leaves the old model in its place."""
+    _, compact, _, _, record = _pruned("qwen2")
+    save_pruned(compact, tokenizer, tmp_path / "m", record)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    (tmp_path / "m").rename(tmp_path / ".m.old")  # the state a SIGKILL between the renames leaves
+    with pytest.raises(OSError, match="No space left on device"):
+        save_pruned(compact, DiskFillsUp(tokenizer), tmp_path / "m", replace(record, method="other"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
 
 
 def test_trajectory_rebuilds_every_step_from_the_dense_model(tmp_path):

@@ -60,14 +60,11 @@ def test_zero_is_refused_not_replaced_by_the_default(folders, tmp_path, capsys, 
 
 
 def test_calibration_falls_back_only_on_flags_not_given():
-    import argparse
-
-    from gisp_plugin.cli.prune_cmd import calibration_request
     from gisp_plugin.plugins.manager import lookup
+    from gisp_plugin.prune_request import calibration_for
 
     spec = lookup("method", "wanda_sp")
-    args = argparse.Namespace(seed=0, calibration=None, n_samples=None, seqlen=7, recover_steps=0)
-    request = calibration_request(spec, args)
+    request = calibration_for(spec, source=None, n_samples=None, seqlen=7, seed=0)
     assert (request.source, request.n_samples, request.seqlen) == ("c4", 128, 7)
 
 

@@ -43,6 +43,18 @@ def test_fewer_samples_than_ranks_is_refused_before_the_model_is_loaded(rank, tm
     assert not out.exists()
 
 
+def test_compare_refuses_fewer_samples_than_ranks_with_the_same_check(rank, tmp_path, capsys):
+    rank(0)
+    out = tmp_path / "out"
+    args = ["compare", "--model", str(tmp_path / "no-such-model"), "--methods", "wanda_sp", "--n-samples", "3"]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "gisp compare: error: n_samples=3 cannot be split across 4 ranks; give at least 4 calibration samples, or fewer ranks"
+    ]
+    assert not out.exists()
+
+
 def test_flap_reference_fluctuation_is_refused_under_torchrun_only(rank):
     resolve_method("flap", {"fluctuation": "reference"})  # one process: fine
     rank(0)

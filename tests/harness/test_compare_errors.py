@@ -124,3 +124,11 @@ def test_pruning_time_counts_the_steps_before_a_resume(setup, tmp_path, monkeypa
     resumed = run_comparison(config, out)
     # two slow steps finished before the interruption; the resumed part alone is far quicker
     assert resumed.costs[0].prune_time_s >= 2.0
+
+
+def test_export_formats_are_checked_as_gisp_prune_checks_them():
+    """``--export gguf,hf`` is two formats for compare as for prune (one check, ``check_export_formats``)."""
+    assert ComparisonConfig.from_mapping({"save_models": True, "export": "gguf,hf"}, "command line").export == ["gguf", "hf"]
+    assert ComparisonConfig(save_models=True, export=["hf"]).export == ["hf"]
+    with pytest.raises(LookupError, match="unknown export format 'ggfu'; available: gguf, hf"):
+        ComparisonConfig.from_mapping({"save_models": True, "export": "ggfu"}, "command line")
