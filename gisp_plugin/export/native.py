@@ -18,9 +18,10 @@ per layer).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -61,6 +62,28 @@ def _uniform_shape(layers: list[EngineLayer], pad: bool) -> NativeShape:
     n_kv = max(max(lay.attention.n_kv for lay in layers), 1)
     group = max((lay.attention.n_head // lay.attention.n_kv for lay in layers if lay.attention.n_kv), default=1)
     return NativeShape(group * n_kv, n_kv, head_dim, max(lay.mlp.width for lay in layers))
+
+
+def _shape_the_config_accepts(model: PreTrainedModel, parts: ModelParts, shape: NativeShape) -> NativeShape:
+    """``shape``, or the one with the fewest more query heads (then key/value heads) that the family's config accepts.
+
+    Some configs tie the head count to the hidden size (Llama refuses a hidden size that is not a multiple
+    of the query heads, even with ``head_dim`` given); padding with inert heads is exact all the same.
+    """
+    group = shape.n_head // shape.n_kv
+    first_error = None
+    for n_head in range(shape.n_head, model.config.hidden_size + 1):
+        for n_kv in range(shape.n_kv, n_head // group + 1):
+            if n_head % n_kv:
+                continue
+            candidate = replace(shape, n_head=n_head, n_kv=n_kv)
+            try:
+                _native_config(model, parts, candidate, {})
+            except NativeFormError as err:
+                first_error = first_error or err
+                continue
+            return candidate
+    raise first_error or NativeFormError(f"no head count the {parts.family} config accepts holds {shape.n_head} heads")
 
 
 def _layer_state(layer: EngineLayer, declaration: DecoderDeclaration) -> dict[str, torch.Tensor]:
@@ -107,7 +130,11 @@ def _native_config(model: PreTrainedModel, parts: ModelParts, shape: NativeShape
         intermediate_size=shape.width,
         **switches,
     )
-    config = CONFIG_MAPPING[parts.family](**values)
+    try:
+        config = CONFIG_MAPPING[parts.family](**values)
+    except (StrictDataclassError, ValueError) as err:  # e.g. Llama's "hidden size is not a multiple of the heads"
+        reason = str(err).strip().splitlines()[-1].strip()
+        raise NativeFormError(f"the {parts.family} config refuses {shape.n_head} query heads: {reason}") from None
     config._attn_implementation = model.config._attn_implementation
     return config
 
@@ -187,6 +214,8 @@ def to_native(model: PreTrainedModel, pad: bool = False, grouping: str = "pad") 
             notes.append(f"layer {index}: uneven groups {layer.attention.n_head}/{layer.attention.n_kv} made even")
         evened.append(EngineLayer(attention, layer.mlp, layer.others))
     shape = _uniform_shape(evened, pad)
+    if pad:
+        shape = _shape_the_config_accepts(model, parts, shape)
     state = {}
     for index, layer in enumerate(evened):
         att = layer.attention

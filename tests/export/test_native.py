@@ -125,3 +125,26 @@ def test_gisp_prune_saves_layer_removal_natively(tmp_path, tokenizer):
     removed = [layer for layer, kinds in record["pruned_structures"].items() if kinds.get("layer")]
     loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
     assert removed and loaded.config.num_hidden_layers == 3 - len(removed)
+
+
+def test_a_head_count_the_family_config_refuses_falls_back_and_pads_exactly(tmp_path, tokenizer):
+    """Llama's config refuses a hidden size that is not a multiple of the query heads (48 over 5), even with
+    ``head_dim`` given: the native save falls back and says why, and ``--format hf`` pads to 6 heads, exactly."""
+    model = tiny_model("llama", layers=2)  # hidden 48, 6 heads of 8
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    keep = KeepMask.dense(anatomy)
+    for layer in range(2):
+        flags = keep[layer, "attn_head"].clone()
+        flags[0] = False
+        keep[layer, "attn_head"] = flags  # every layer keeps 5 heads: one shape, which the config refuses
+    compact = adapter.compact(model, keep)
+    same, form = saved_form(compact)
+    assert same is compact and form["form"] == "gisp-pruned"
+    assert "refuses 5 query heads" in form["why"] and "not a multiple" in form["why"], form["why"]
+    folder = save_pruned(compact, tokenizer, tmp_path / "pruned", record_for(compact, anatomy, keep))
+    export_folder(folder, "hf", tmp_path / "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=False).eval()
+    assert loaded.config.num_attention_heads == 6
+    ids = random_ids(1, 12)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(compact, ids), rtol=0, atol=ATOL)
