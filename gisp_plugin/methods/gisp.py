@@ -129,7 +129,9 @@ class GispOptions:
         ``+hidden`` adds the hidden channels to the ranking (``all+hidden``; ``hidden`` alone cuts only the
         width), block type ``hidden``; off by default. ``normalize=reference`` and ``param_mean`` divide a
         hidden channel's score by the weights it owns (embedding and LM-head columns included; the reference
-        has no hidden kind). Needs ``rank=global`` and the free shape.
+        has no hidden kind). Under ``reference`` the channel divisor (3 * intermediate_size) shrinks MLP
+        scores, and on SmolLM2 no hidden channel ranks low enough to go: use ``param_mean`` or
+        ``block_mean`` with it (docs/hidden_dimension.md). Needs ``rank=global`` and the free shape.
     hidden_divisor: with ``+hidden``, channels go in groups of this many, so the kept width is a multiple
         of it; ``0`` (default): the query heads of a layer (Llama and kin require a multiple of them).
     taylor: per-weight score: ``param_first`` ``|W * g|`` (default), ``param_second`` ``|W * acc * W|``,
