@@ -509,8 +509,11 @@ def cut_exact(anatomy: ModelAnatomy, ranked: Scores, sparsity: float, groups: Gr
     below = at(sparsity)  # the allocator's count is never below the exact one: this cut is at or below
     if below is None or below[1] >= sparsity:
         return prune_lowest_globally(anatomy, ranked, sparsity, groups) if below is None else below[0]
+    # successive prefixes of the ranking differ by at least the smallest unit in the allocator's count, and it
+    # cuts at the prefix closest to its target: a quarter of that unit as resolution reaches every prefix
+    smallest = min(anatomy.kind(*key).params_per_unit for key in ranked) / anatomy.dense_params
     above, lo, hi = None, sparsity, 1.0
-    while hi - lo > 1e-10:
+    while hi - lo > smallest / 4:
         mid = (lo + hi) / 2
         found = at(mid)
         if found is None or found[1] >= sparsity:
