@@ -8,6 +8,8 @@ PPL="perplexity:source=boolq-wiki,seqlen=128,max_windows=64"
 
 # 1. Quality: eight methods x 20/30/40/50%, perplexity + seven zero-shot tasks (about an hour).
 gisp compare --config benchmarks/configs/quality.yaml --out "$OUT/quality"
+# 1b. GISP with hidden channels in its ranking (param_mean normalisation), same setup, its own folder.
+gisp compare --config benchmarks/configs/quality_gisp_hidden.yaml --out "$OUT/quality_gisp_hidden"
 # 2. Claims (a) and (b): one-shot GISP beside the quality study's iterative run; (b) reads the quality table.
 python benchmarks/study_claims.py --out "$OUT" --claims a,b --json "$OUT/claims_ab.json"
 # 3. Cost: wall time, peak memory per method, GISP step / bare forward+backward, speed of the pruned models.

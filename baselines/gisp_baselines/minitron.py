@@ -93,8 +93,10 @@ class ActivationNorms:
 
     def update(self, name: str, activations: torch.Tensor, token_mask: torch.Tensor) -> None:
         """Add one batch: ``activations`` ``[batch, seq, d]``, ``token_mask`` (bool ``[batch, seq]``) real tokens."""
-        mask = token_mask.to(activations.device, torch.float64)[..., None]
-        means = (activations.detach().abs().double() * mask).sum(1) / mask.sum(1).clamp_min(1)  # [batch, d]
+        mask = token_mask.to(activations.device, torch.float64)  # [batch, seq]
+        # one batched product sums the real tokens, instead of a masked float64 copy of the activations
+        sums = torch.bmm(mask[:, None, :], activations.detach().abs().double()).squeeze(1)  # [batch, d]
+        means = sums / mask.sum(1, keepdim=True).clamp_min(1)
         squares = means.pow(2).sum(0).cpu()
         self.sums[name] = self.sums[name] + squares if name in self.sums else squares
 
@@ -255,18 +257,49 @@ def _widths(anatomy: ModelAnatomy, axes: tuple[str, ...], fraction: float, divis
     return tuple(widths)
 
 
-def closest_keep(anatomy: ModelAnatomy, scores: Importance, options: MinitronOptions, target: float) -> KeepMask:
-    """The uniform subnetwork whose sparsity is closest to ``target`` (ties: the larger one kept)."""
-    fractions: dict[tuple, float] = {}  # each distinct set of widths, first reached going down from dense
+def candidate_fractions(anatomy: ModelAnatomy, options: MinitronOptions) -> list[float]:
+    """One fraction per distinct set of uniform widths, the largest that gives it, from dense down (so the
+    sparsities rise strictly along the list: every width is non-increasing and one of them shrinks)."""
+    fractions: dict[tuple, float] = {}
     for step in range(1000, -1, -1):
         fractions.setdefault(_widths(anatomy, options.axes, step / 1000, options.channel_divisor), step / 1000)
-    best, best_gap = None, math.inf
-    for fraction in fractions.values():
-        keep = uniform_keep(anatomy, scores, options.axes, fraction, options.channel_divisor)
-        gap = abs(anatomy.sparsity(keep) - target)
-        if gap < best_gap:
-            best, best_gap = keep, gap
-    return best
+    return list(fractions.values())
+
+
+def closest_keep(
+    anatomy: ModelAnatomy,
+    scores: Importance,
+    options: MinitronOptions,
+    target: float,
+    fractions: list[float] | None = None,
+    measured: dict[float, tuple[KeepMask, float]] | None = None,
+) -> KeepMask:
+    """The uniform subnetwork whose sparsity is closest to ``target`` (ties: the larger one kept).
+
+    The sparsity rises along ``candidate_fractions``, so a bisection finds the two candidates around the
+    target (building and counting a few masks, not all of them); ``measured`` caches them across targets.
+    """
+    fractions = candidate_fractions(anatomy, options) if fractions is None else fractions
+    measured = {} if measured is None else measured
+
+    def at(index: int) -> tuple[KeepMask, float]:
+        fraction = fractions[index]
+        if fraction not in measured:
+            keep = uniform_keep(anatomy, scores, options.axes, fraction, options.channel_divisor)
+            measured[fraction] = keep, anatomy.sparsity(keep)
+        return measured[fraction]
+
+    lo, hi = 0, len(fractions) - 1  # the first index whose sparsity reaches the target, or the last
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if at(mid)[1] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = at(lo)
+    if lo > 0 and abs(at(lo - 1)[1] - target) <= abs(best[1] - target):  # a tie keeps the larger model
+        best = at(lo - 1)
+    return best[0]
 
 
 def _check(anatomy: ModelAnatomy, options: MinitronOptions) -> None:
@@ -303,8 +336,9 @@ def run(job: PruningJob) -> Iterator:
     if job.calibration is None:
         raise ValueError("minitron needs calibration data; pass calibration= or a calibration source")
     scores = importance(job, options)
+    fractions, measured = candidate_fractions(job.anatomy, options), {}
     for target in job.targets:
-        keep = closest_keep(job.anatomy, scores, options, target)
+        keep = closest_keep(job.anatomy, scores, options, target, fractions, measured)
         job.masked.apply(keep)
         widths = {
             "hidden_size": int(keep[MODEL_LEVEL, HIDDEN_CHANNEL].sum()) if "hidden_size" in options.axes else None,

@@ -39,6 +39,15 @@ Options from the reference (``pruners/grad_sp_global.py``) and where we differ:
   On a mixture of experts, ``mlp`` means every feed-forward channel: dense MLP, shared-expert and
   routed-expert channels (the reference knows dense models only; its ``mlp`` is "everything but
   attention"); ``shared_expert`` and ``expert_mlp`` name one of them.
+- ``+hidden`` (not in the reference, off by default): hidden channels (the residual stream's width,
+  ``anatomy.hidden``) join the one global list, block type ``hidden``. A channel's score is ``|W * g|``
+  summed over every weight it owns (its column of q/k/v, gate/up and the embedding, its row of o/down, its
+  norm entries, its LM-head column). Channels go in groups of ``hidden_divisor`` (the ranked order's
+  lowest first; a group scores the mean of its channels), so the kept width stays a multiple of the head
+  count, which Llama's config requires; the highest group always stays. Unlike heads and channels, a hidden
+  channel is cut in every layer, protected ones included. Each unit's dense parameter count overstates what
+  a cut frees once both kinds go (a hidden channel's share of a removed head counts twice), so the same
+  ranking is cut where the exact count (``anatomy.sparsity``) is closest to the target (``cut_exact``).
 - ``schedule``: see ``gisp_schedules`` (the reference's first step prunes nothing; ours cut at every step).
 
 Every cut is recorded in ``job.trajectory``. With a ``work_dir``, the state after every finished step
@@ -64,15 +73,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
+from gisp_plugin.anatomy.hidden import HIDDEN_BLOCK
+from gisp_plugin.anatomy.structures import HIDDEN_CHANNEL, MODEL_LEVEL, KeepMask, ModelAnatomy, StructureKind
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationSet
 from gisp_plugin.distributed.context import is_main_process
 from gisp_plugin.distributed.data_parallel import from_main
 from gisp_plugin.finite import NonFiniteError
-from gisp_plugin.importance.allocation import Groups, Scores, prune_lowest_globally, prune_lowest_per_pool
+from gisp_plugin.importance.allocation import (
+    Groups,
+    Scores,
+    UnreachableTargetError,
+    prune_lowest_globally,
+    prune_lowest_per_pool,
+)
 from gisp_plugin.importance.gradients import GradientSums, accumulate_gradients, weight_paths, weight_tensor
-from gisp_plugin.importance.structure_scores import model_scores
+from gisp_plugin.importance.structure_scores import kind_scores, model_scores
 from gisp_plugin.importance.taylor import needs_squares, salience
 from gisp_plugin.methods.api import CalibrationDefaults, MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.methods.gisp_schedules import SCHEDULES, Cut, Schedule, step_cuts
@@ -87,6 +103,7 @@ STATE_FORMAT = "gisp-state/1"
 NORMALIZATIONS = ("reference", "param_mean", "block_mean", "none")
 GROUPINGS = ("experts", "kv")
 CHANNEL_BLOCKS = ("mlp", "shared_expert", "expert_mlp")
+HIDDEN_KEY = (MODEL_LEVEL, HIDDEN_CHANNEL)
 TAYLOR = ("param_first", "param_second", "param_mix")
 RANKINGS = ("global", "separate")
 
@@ -109,6 +126,14 @@ class GispOptions:
     blocks: ``all``, ``attention``, ``mlp`` (every feed-forward channel: dense MLP, shared-expert and
         routed-expert channels), or block types joined by ``+`` (``attention+shared_expert``;
         ``expert_mlp`` with ``group=experts`` prunes whole experts only); the others are kept whole.
+        ``+hidden`` adds the hidden channels to the ranking (``all+hidden``; ``hidden`` alone cuts only the
+        width), block type ``hidden``; off by default. ``normalize=reference`` and ``param_mean`` divide a
+        hidden channel's score by the weights it owns (embedding and LM-head columns included; the reference
+        has no hidden kind). Under ``reference`` the channel divisor (3 * intermediate_size) shrinks MLP
+        scores, and on SmolLM2 no hidden channel ranks low enough to go: use ``param_mean`` or
+        ``block_mean`` with it (docs/hidden_dimension.md). Needs ``rank=global`` and the free shape.
+    hidden_divisor: with ``+hidden``, channels go in groups of this many, so the kept width is a multiple
+        of it; ``0`` (default): the query heads of a layer (Llama and kin require a multiple of them).
     taylor: per-weight score: ``param_first`` ``|W * g|`` (default), ``param_second`` ``|W * acc * W|``,
         ``param_mix`` ``|W * g - 0.5 * W * acc * W|`` (``acc``: mean squared per-sample gradient; these
         two run one sequence per backward, so ``batch_size`` is ignored and a step costs more).
@@ -144,6 +169,7 @@ class GispOptions:
     schedule: Literal["linear", "cosine", "exponential", "adaptive"] = "linear"
     exp_alpha: float = 3.0
     adaptive_limit: float = 2.0
+    hidden_divisor: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -156,11 +182,17 @@ class GispOptions:
         unknown = set(self.groupings) - set(GROUPINGS)
         if unknown:
             raise ValueError(f"group={self.group!r}: give none, or {' / '.join(GROUPINGS)} joined by +")
-        unknown = set(self.prunable_blocks or ()) - {"attention", *CHANNEL_BLOCKS}
-        if unknown:
+        names = self._block_names
+        known = {"all", "attention", "mlp", *CHANNEL_BLOCKS, HIDDEN_BLOCK}
+        if names - known or ("all" in names and names - {"all", HIDDEN_BLOCK}):
             raise ValueError(
-                f"blocks={self.blocks!r}: give all, or block types joined by +: attention, {', '.join(CHANNEL_BLOCKS)}"
+                f"blocks={self.blocks!r}: give all, or block types joined by +: attention, {', '.join(CHANNEL_BLOCKS)}, "
+                f"{HIDDEN_BLOCK} (all+{HIDDEN_BLOCK} ranks hidden channels too)"
             )
+        if self.hidden_divisor < 0:
+            raise ValueError(f"hidden_divisor={self.hidden_divisor} must be >= 0 (0: the query heads of a layer)")
+        if self.ranks_hidden and self.rank != "global":
+            raise ValueError(f"blocks={self.blocks!r} ranks hidden channels in the one global list; give rank=global")
         choices = {"taylor": TAYLOR, "rank": RANKINGS, "schedule": SCHEDULES}
         for name, valid in choices.items():
             value = getattr(self, name)
@@ -174,11 +206,21 @@ class GispOptions:
         return () if self.group.strip().lower() in ("none", "") else tuple(p.strip() for p in self.group.split("+"))
 
     @property
+    def _block_names(self) -> set[str]:
+        return {p.strip().lower() for p in self.blocks.split("+")}
+
+    @property
+    def ranks_hidden(self) -> bool:
+        """Whether hidden channels join the ranking (``blocks=...+hidden``)."""
+        return HIDDEN_BLOCK in self._block_names
+
+    @property
     def prunable_blocks(self) -> set[str] | None:
-        """The block types that may be pruned (``None``: all); ``mlp`` stands for every channel block."""
-        if self.blocks.strip().lower() == "all":
+        """The decoder-layer block types that may be pruned (``None``: all); ``mlp`` stands for every channel
+        block. Hidden channels are not a layer block: see ``ranks_hidden``."""
+        names = self._block_names - {HIDDEN_BLOCK}
+        if names == {"all"}:
             return None
-        names = {p.strip() for p in self.blocks.split("+")}
         return names - {"mlp"} | set(CHANNEL_BLOCKS) if "mlp" in names else names
 
     def schedule_for(self, top: float) -> Schedule:
@@ -228,6 +270,16 @@ def max_sparsity(anatomy: ModelAnatomy, options: GispOptions) -> float:
     protected = set(protected_layers(len(anatomy.layers), options.protect))
     unprotected = [i for i in range(len(anatomy.layers)) if i not in protected]
     blocks = options.prunable_blocks
+    if options.ranks_hidden:  # every prunable unit gone and the hidden width down to one group
+        keep = KeepMask.dense(anatomy, hidden=True)
+        for idx in unprotected:
+            for name, kind in anatomy.layers[idx].kinds.items():
+                if blocks is None or kind.block in blocks:
+                    keep[idx, name] = torch.zeros_like(keep[idx, name])
+        flags = torch.zeros(anatomy.hidden_dimension().width, dtype=torch.bool)
+        flags[: hidden_divisor(anatomy, options)] = True
+        keep[HIDDEN_KEY] = flags
+        return anatomy.sparsity(keep)
     if options.rank == "global":
         return anatomy.max_sparsity(unprotected, blocks)
     pools: dict[str, set[str]] = {}  # pool -> its block types
@@ -244,9 +296,27 @@ def max_sparsity(anatomy: ModelAnatomy, options: GispOptions) -> float:
     return share * sum(size.values()) / anatomy.dense_params
 
 
+def hidden_divisor(anatomy: ModelAnatomy, options: GispOptions) -> int:
+    """How many hidden channels go at once (``+hidden``): the option, or the query heads of a layer; refused
+    where the model declares no hidden dimension, where the width is not a multiple of it, or under a shape."""
+    try:
+        width = anatomy.hidden_dimension().width
+    except LookupError as err:
+        raise ValueError(f"blocks={options.blocks!r}: {err}") from None
+    if anatomy.shape != "free":
+        raise ValueError(f"blocks={options.blocks!r} needs the free shape (shape {anatomy.shape} constrains layer kinds only)")
+    divisor = options.hidden_divisor or next(
+        (kind.count for layer in anatomy.layers for kind in layer.kinds.values() if kind.block == "attention"), 1
+    )
+    if width % divisor:
+        raise ValueError(f"hidden_divisor={divisor} does not divide the hidden size {width}; give -o hidden_divisor=N")
+    return divisor
+
+
 def check_options(anatomy: ModelAnatomy, options: GispOptions) -> None:
     """Every step cuts at least one structure: more steps than prunable structures would only repeat
-    gradient passes (hours on a large model) that cut nothing."""
+    gradient passes (hours on a large model) that cut nothing. ``+hidden`` needs a hidden dimension it can cut
+    in groups (``hidden_divisor``)."""
     protected = set(protected_layers(len(anatomy.layers), options.protect))
     blocks = options.prunable_blocks
     structures = sum(
@@ -256,6 +326,8 @@ def check_options(anatomy: ModelAnatomy, options: GispOptions) -> None:
         for kind in layer.kinds.values()
         if blocks is None or kind.block in blocks
     )
+    if options.ranks_hidden:
+        structures += anatomy.hidden_dimension().width // hidden_divisor(anatomy, options) - 1
     if options.steps > structures:
         raise ValueError(
             f"steps={options.steps} is more than the {structures} structures gisp may prune in this model "
@@ -266,9 +338,12 @@ def check_options(anatomy: ModelAnatomy, options: GispOptions) -> None:
 # --- scores ----------------------------------------------------------------------------------------------
 
 
-def structure_scores(model: nn.Module, anatomy: ModelAnatomy, sums: GradientSums, taylor: str = "param_first") -> Scores:
+def structure_scores(
+    model: nn.Module, anatomy: ModelAnatomy, sums: GradientSums, taylor: str = "param_first", hidden: bool = False
+) -> Scores:
     """Raw GISP scores per unit (float64): ``|salience|`` (``|W * g|`` for ``param_first``) summed over
-    the weight matrices each unit owns.
+    the weight matrices each unit owns; with ``hidden``, also the hidden channels under ``HIDDEN_KEY``
+    (summed over every weight a channel owns, norms and embeddings included).
 
     Biases are not scored (the reference scores weights only). A masked unit's gradient (and squared
     gradient) is zero, so its score is exactly zero.
@@ -280,7 +355,30 @@ def structure_scores(model: nn.Module, anatomy: ModelAnatomy, sums: GradientSums
         acc = sums.grad_sq[path] if sums.grad_sq is not None else None
         return salience(tensor, sums.grad[path], acc, taylor).abs()
 
-    return model_scores(model, anatomy, element_score)
+    scores = model_scores(model, anatomy, element_score)
+    if hidden:
+        scores[HIDDEN_KEY] = kind_scores(model, anatomy.hidden_dimension().kind, element_score)
+    return scores
+
+
+def gradient_paths(anatomy: ModelAnatomy, hidden: bool = False) -> list[str]:
+    """The weights GISP needs gradients of: those the layer kinds own, and with ``hidden`` every weight a
+    hidden channel owns (key/value projections, norms, embedding, LM head; biases are not scored)."""
+    paths = weight_paths(anatomy)
+    if hidden:
+        owned = (s.path for s in anatomy.hidden_dimension().kind.owned if not s.is_bias)
+        paths += [path for path in dict.fromkeys(owned) if path not in set(paths)]
+    return paths
+
+
+def owned_weights(model: nn.Module, kind: StructureKind) -> int:
+    """The weights (not biases) one unit of a model-level ``kind`` owns: what its score sums over."""
+    total = 0
+    for tensor_slice in kind.owned:
+        if not tensor_slice.is_bias:
+            shape = weight_tensor(model, tensor_slice.path).shape
+            total += tensor_slice.params_per_unit(shape)
+    return total
 
 
 def normalize_scores(
@@ -303,7 +401,9 @@ def normalize_scores(
     hidden = model.config.hidden_size
     for (layer, name), values in raw.items():
         kind = anatomy.kind(layer, name)
-        if how == "param_mean":
+        if kind.block == HIDDEN_BLOCK:
+            divisor = owned_weights(model, kind)  # reference and param_mean alike: the reference has no hidden kind
+        elif how == "param_mean":
             divisor = kind.params_per_unit
         elif kind.block == "attention":
             divisor = 4 * kind.owned[0].width * hidden  # 4 * head_dim * hidden_size, as the reference
@@ -323,7 +423,8 @@ def ranking_scores(
     out: Scores = {}
     for (layer, name), values in normalized.items():
         ranked = torch.where(live[layer, name], values, torch.full_like(values, -1.0))
-        frozen = layer in protected or (blocks is not None and anatomy.kind(layer, name).block not in blocks)
+        block = anatomy.kind(layer, name).block
+        frozen = layer in protected or (blocks is not None and block != HIDDEN_BLOCK and block not in blocks)
         out[layer, name] = torch.full_like(values, torch.inf) if frozen else ranked
     return out
 
@@ -362,7 +463,7 @@ def step_scores(
     """One GISP scoring pass on the model as it is (masked or not): raw unit scores and the gradient sums."""
     sums = accumulate_gradients(
         model,
-        weight_paths(anatomy),
+        gradient_paths(anatomy, options.ranks_hidden),
         calibration,
         lookup("loss", options.loss),
         batch_size=options.batch_size,
@@ -371,11 +472,64 @@ def step_scores(
         pad_token_id=pad_token_id,
         progress=progress,
     )
-    return structure_scores(model, anatomy, sums, options.taylor), sums
+    return structure_scores(model, anatomy, sums, options.taylor, options.ranks_hidden), sums
+
+
+def hidden_groups(ranked: torch.Tensor, divisor: int) -> tuple[tuple[int, ...], ...]:
+    """Hidden channels in runs of ``divisor`` along their ranked order (lowest first; ties by index).
+    Removed channels rank ``-1`` and their count is a multiple of ``divisor``: they fill the first groups."""
+    order = torch.sort(ranked.double(), stable=True).indices.tolist()
+    return tuple(tuple(order[i : i + divisor]) for i in range(0, len(order), divisor))
+
+
+def hidden_group_scores(ranked: torch.Tensor, groups: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """One score per group of hidden channels: the mean of its channels' scores, so that a group competes as
+    a channel does (the groups only round the width); removed groups ``-1``; the highest group ``+inf``
+    (a model keeps some width)."""
+    out = torch.stack([ranked[list(g)].mean() if bool((ranked[list(g)] >= 0).all()) else ranked.new_tensor(-1.0) for g in groups])
+    out[-1] = torch.inf
+    return out
+
+
+def cut_exact(anatomy: ModelAnatomy, ranked: Scores, sparsity: float, groups: Groups) -> KeepMask:
+    """The global ranking cut where the exact sparsity is closest to ``sparsity``.
+
+    The allocator counts each unit's dense parameters, which overstates what a cut frees once hidden
+    channels and heads or channels both go; its cut is monotone in the target it is given and the exact
+    sparsity is monotone in the cut, so bisecting that target finds the cut.
+    """
+
+    def at(target: float) -> tuple[KeepMask, float] | None:
+        try:
+            keep = prune_lowest_globally(anatomy, ranked, target, groups)
+        except UnreachableTargetError:
+            return None
+        return keep, anatomy.sparsity(keep)
+
+    below = at(sparsity)  # the allocator's count is never below the exact one: this cut is at or below
+    if below is None or below[1] >= sparsity:
+        return prune_lowest_globally(anatomy, ranked, sparsity, groups) if below is None else below[0]
+    # successive prefixes of the ranking differ by at least the smallest unit in the allocator's count, and it
+    # cuts at the prefix closest to its target: a quarter of that unit as resolution reaches every prefix
+    smallest = min(anatomy.kind(*key).params_per_unit for key in ranked) / anatomy.dense_params
+    above, lo, hi = None, sparsity, 1.0
+    while hi - lo > smallest / 4:
+        mid = (lo + hi) / 2
+        found = at(mid)
+        if found is None or found[1] >= sparsity:
+            hi, above = mid, found or above
+        else:
+            lo, below = mid, found
+    if above is None or abs(below[1] - sparsity) <= abs(above[1] - sparsity):
+        return below[0]
+    return above[0]
 
 
 def cut_to(anatomy: ModelAnatomy, ranked: Scores, sparsity: float, groups: Groups, options: GispOptions) -> KeepMask:
-    """The keep mask at ``sparsity``: one global ranking, or one per pool (``rank=separate``)."""
+    """The keep mask at ``sparsity``: one global ranking, or one per pool (``rank=separate``); with hidden
+    channels ranked, cut at the exact count (``cut_exact``)."""
+    if HIDDEN_KEY in ranked:
+        return cut_exact(anatomy, ranked, sparsity, groups)
     if options.rank == "separate":
         blocks = options.prunable_blocks
         return prune_lowest_per_pool(anatomy, ranked, sparsity, lambda block: ranking_pool(block, blocks), groups)
@@ -482,8 +636,9 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
     schedule = options.schedule_for(max(job.targets))
     fingerprint = run_fingerprint(job)
     pad_token_id = getattr(job.tokenizer, "pad_token_id", None) or 0
+    divisor = hidden_divisor(anatomy, options) if options.ranks_hidden else 0
 
-    keep = KeepMask.dense(anatomy)
+    keep = KeepMask.dense(anatomy, hidden=options.ranks_hidden)
     history: list[tuple[float, float]] = []  # (sparsity, calibration loss) of every gradient pass so far
     start = 0.0  # where the next pass starts cutting: the previous pass's end
     done = from_main(lambda: resumable_state(job.work_dir, fingerprint, anatomy, schedule, job.targets))  # rank 0 reads
@@ -516,10 +671,14 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
             history.append((sparsity, sums.loss))
             normalized = normalize_scores(job.model, anatomy, raw, options.normalize, keep, protected)
             ranked = group_scores(ranking_scores(anatomy, normalized, keep, protected, options.prunable_blocks), groups)
+            step_groups = groups
+            if options.ranks_hidden:
+                step_groups = {**groups, HIDDEN_KEY: hidden_groups(ranked[HIDDEN_KEY], divisor)}
+                ranked[HIDDEN_KEY] = hidden_group_scores(ranked[HIDDEN_KEY], step_groups[HIDDEN_KEY])
             reached = []
             cuts = step_cuts(step, start, schedule.end(step, start, history), job.targets)
             for cut in cuts:
-                keep = cut_to(anatomy, ranked, cut.sparsity, groups, options)
+                keep = cut_to(anatomy, ranked, cut.sparsity, step_groups, options)
                 info = {
                     "target": cut.target,
                     "scheduled": cut.sparsity,

@@ -10,7 +10,15 @@ import json
 
 import pytest
 import torch
-from gisp_baselines.minitron import ActivationNorms, MinitronOptions, importance
+from gisp_baselines.minitron import (
+    ActivationNorms,
+    Importance,
+    MinitronOptions,
+    candidate_fractions,
+    closest_keep,
+    importance,
+    uniform_keep,
+)
 from transformers import AutoModelForCausalLM
 
 from gisp_plugin.adapters.api import adapter_for
@@ -118,6 +126,31 @@ def test_depth_removes_the_lowest_scored_layers():
     (sub,) = run_method(model, None, "minitron", [0.4], {"prune": "num_layers", "batch_size": "2"}, calibration=calibration)
     order = torch.sort(influence_by_hand(model, calibration), stable=True).indices.tolist()
     assert sub.keep.removed_layers() == sorted(order[:2])
+
+
+@pytest.mark.parametrize("prune", [ALL_WIDTH["prune"], "ffn_hidden_size+hidden_size+num_layers", "num_layers"])
+def test_closest_keep_equals_trying_every_uniform_width(prune):
+    """The bisection over candidate widths against counting every candidate (ties: the larger model)."""
+    model = tiny_model("mistral", layers=4)
+    anatomy = adapter_for(model).anatomy(model)
+    options = parse_options(MinitronOptions, {"prune": prune, "channel_divisor": "8"}, "minitron")
+    generator = torch.Generator().manual_seed(1)
+    scores = Importance(
+        {i: torch.rand(8, generator=generator) for i in range(4)},
+        {i: torch.rand(32, generator=generator) for i in range(4)},
+        torch.rand(48, generator=generator),
+        torch.rand(4, generator=generator),
+    )
+    candidates = []
+    for step in range(1000, -1, -1):
+        keep = uniform_keep(anatomy, scores, options.axes, step / 1000, options.channel_divisor)
+        candidates.append((anatomy.sparsity(keep), keep))
+    fractions, measured = candidate_fractions(anatomy, options), {}
+    for target in [i / 40 for i in range(41)]:
+        best = min(candidates, key=lambda c: abs(c[0] - target))  # the first of equals: the larger model
+        got = closest_keep(anatomy, scores, options, target, fractions, measured)
+        assert got == best[1], target
+    assert len(measured) < len(fractions) or len(fractions) < 12  # a bisection, not every candidate
 
 
 def test_sums_merge_across_batches():
