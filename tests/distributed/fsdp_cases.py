@@ -18,6 +18,7 @@ def calibration(n: int = 5) -> CalibrationSet:
 def probe_ids():
     return random_ids(2, 12, seed=7)
 
+
 # What ``fsdp_variants_worker`` runs sharded and ``test_fsdp_variants`` in one process: case name ->
 # (tiny family of tests.tiny, dtype, method, options). Dense families are loaded sharded from their saved
 # folder (``load_sharded_model``); mixtures of experts are built in memory and sharded (``shard_model``):
