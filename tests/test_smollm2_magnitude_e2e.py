@@ -26,11 +26,14 @@ def test_magnitude_30_percent_round_trip(smollm2, tmp_path):
         masked.apply(subnetwork.keep)
         masked_logits = model(ids).logits
     plain = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
-    # float32 summation order differs between sliced and masked matmuls: ~1e-4 noise over 30 layers
+    # Sliced and masked matmuls add in another order: two float32 evaluations of one function. Measured: they
+    # differ by at most 4.2e-4 (logits up to 37), and each is itself 4.2e-4 (masked) and 6.3e-4 (compacted) from
+    # the float64 result, so another text may bring them ~1e-3 apart; a relative term would only loosen the
+    # bound on the large logits (rtol=1e-3 allowed 0.04 there).
     with torch.no_grad():
         assert torch.equal(compact(ids).logits.argmax(-1), masked_logits.argmax(-1))
-        torch.testing.assert_close(compact(ids).logits, masked_logits, rtol=1e-3, atol=2e-3)
-        torch.testing.assert_close(plain(ids).logits, masked_logits, rtol=1e-3, atol=2e-3)
-        torch.testing.assert_close(load_pruned(folder)(ids).logits, masked_logits, rtol=1e-3, atol=2e-3)
+        torch.testing.assert_close(compact(ids).logits, masked_logits, rtol=0, atol=1e-3)
+        torch.testing.assert_close(plain(ids).logits, masked_logits, rtol=0, atol=1e-3)
+        torch.testing.assert_close(load_pruned(folder)(ids).logits, masked_logits, rtol=0, atol=1e-3)
     generated = plain.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     assert generated.shape[1] == ids.shape[1] + 8

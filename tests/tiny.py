@@ -87,6 +87,24 @@ FAMILIES = {
         "use_cache": True,
         "use_sliding_window": False,
     },
+    # google/gemma-2b: multi-query attention (one kv head), head_dim set (8 heads * 6 = 48, as 8 * 256 = 2048
+    # there), the legacy hidden_act "gelu" (transformers reads it as the tanh approximation), embeddings tied
+    # (GemmaConfig's default; the checkpoint sets no tie_word_embeddings)
+    "gemma": {
+        "model_type": "gemma",
+        "architectures": ["GemmaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "head_dim": 6,
+        "hidden_act": "gelu",
+        "initializer_range": 0.02,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 1,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 10000.0,
+        "use_cache": True,
+    },
     # google/gemma-2-2b: soft-capping, query_pre_attn_scalar, alternating sliding/global layers, extra norms
     "gemma2": {
         "model_type": "gemma2",

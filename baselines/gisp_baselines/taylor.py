@@ -30,6 +30,7 @@ from torch import nn
 
 from gisp_plugin.anatomy.structures import ModelAnatomy, StructureKind, TensorSlice
 from gisp_plugin.importance.gradients import GradientSums, weight_tensor
+from gisp_plugin.importance.structure_scores import slice_along_axis
 from gisp_plugin.importance.taylor import TaylorVariant, salience
 from gisp_plugin.importance.uniform import Groups, GroupScores
 
@@ -37,9 +38,12 @@ HeadUnit = Literal["kv_group", "query_head"]
 
 
 def slice_unit_scores(element: torch.Tensor, tensor_slice: TensorSlice, count: int, vectorize: bool) -> torch.Tensor:
-    """Per-unit importance (float64 ``[count]``) of one slice: channels along ``axis``, ``width`` per unit."""
-    element = element.double()
-    per_channel = tensor_slice.along_axis(element).abs() if vectorize else tensor_slice.along_axis(element.abs())
+    """Per-unit importance (float64 ``[count]``) of one slice: channels along ``axis``, ``width`` per unit.
+
+    ``element`` may be a shard of a model sharded with FSDP2: the sums along the axis are then the whole
+    tensor's (``slice_along_axis``), so ``vectorize`` takes the absolute value of whole sums, as on one process.
+    """
+    per_channel = slice_along_axis(element, tensor_slice).abs() if vectorize else slice_along_axis(element.abs(), tensor_slice)
     return tensor_slice.per_unit(per_channel, count).sum(1)
 
 

@@ -27,11 +27,14 @@ Scores = dict[tuple[int, str], torch.Tensor]
 
 def sum_slice(tensor_scores: torch.Tensor, tensor_slice: TensorSlice, count: int) -> torch.Tensor:
     """Per-unit sums (float64 ``[count]``) of an element-wise score tensor over one owned slice."""
+    return tensor_slice.per_unit(slice_along_axis(tensor_scores, tensor_slice), count).sum(1)
+
+
+def slice_along_axis(tensor_scores: torch.Tensor, tensor_slice: TensorSlice) -> torch.Tensor:
+    """``tensor_slice.along_axis`` of a score tensor in float64, the whole tensor's even when it is sharded."""
     if isinstance(tensor_scores, DTensor):
-        along = _sharded_along_axis(tensor_scores, tensor_slice)
-    else:
-        along = tensor_slice.along_axis(tensor_scores.double())
-    return tensor_slice.per_unit(along, count).sum(1)
+        return _sharded_along_axis(tensor_scores, tensor_slice)
+    return tensor_slice.along_axis(tensor_scores.double())
 
 
 def _sharded_along_axis(tensor_scores: DTensor, tensor_slice: TensorSlice) -> torch.Tensor:

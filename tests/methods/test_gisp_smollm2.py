@@ -59,7 +59,10 @@ def test_gisp_prunes_smollm2_and_the_saved_models_match_the_masked_model(smollm2
             expected = model(ids).logits
             got = plain(ids).logits
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
-        torch.testing.assert_close(got, expected, rtol=1e-3, atol=2e-3)
+        # float32, summed in another order than the masked model: measured 3.8e-5 (0.2) and 4.6e-5 (0.3) at
+        # logits up to 32; 1e-4 leaves twice that for other thread counts (see tests/test_smollm2_magnitude_e2e.py,
+        # where magnitude's cuts put the two 4.2e-4 apart)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     assert KeepMask.from_json(anatomy, records[0.3]).is_subset_of(KeepMask.from_json(anatomy, records[0.2]))
 
     # the same command again resumes from the finished run: no gradient step, the same models
