@@ -519,6 +519,100 @@ FAMILIES = {
         "use_cache": True,
     },
 }
+# Derived mixture-of-experts families whose routers hold more than a weight: a score-correction bias per expert
+# (a buffer on the router, a parameter of a module inside it, a buffer on the block around it), a sparse-mixer
+# rule, a weight inside a linear of the router. Kept apart from FAMILIES: their first layers are dense by a config
+# field (``first_k_dense_replace``, ``moe_layer_start_index``) that layer removal does not rewrite yet.
+ROUTER_FAMILIES = {
+    # zai-org/GLM-4.5-Air: sigmoid router with e_score_correction_bias [E] (a buffer), a shared expert, layer 0 dense
+    "glm4_moe": {
+        "model_type": "glm4_moe",
+        "architectures": ["Glm4MoeForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "first_k_dense_replace": 1,
+        "head_dim": 8,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "moe_intermediate_size": 16,
+        "n_group": 1,
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": 6,
+        "num_experts_per_tok": 2,
+        "num_key_value_heads": 2,
+        "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000,
+        "routed_scaling_factor": 1.0,
+        "tie_word_embeddings": False,
+        "topk_group": 1,
+        "use_cache": True,
+        "use_qk_norm": False,
+    },
+    # microsoft/Phi-3.5-MoE-instruct: sparse-mixer routing (top-2 by a threshold rule), LayerNorms, biases (its
+    # longrope rope_scaling is left out: its factor lists are sized to the published head_dim)
+    "phimoe": {
+        "model_type": "phimoe",
+        "architectures": ["PhiMoEForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "input_jitter_noise": 0.01,
+        "lm_head_bias": True,
+        "num_attention_heads": 6,
+        "num_experts_per_tok": 2,
+        "num_key_value_heads": 2,
+        "num_local_experts": 4,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "router_aux_loss_coef": 0.0,
+        "router_jitter_noise": 0.01,
+        "sliding_window": 128,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+    },
+    # baidu/ERNIE-4.5-21B-A3B-PT: moe_statics.e_score_correction_bias [1, E] (a parameter inside the router),
+    # shared experts, layer 0 dense, tied embeddings
+    "ernie4_5_moe": {
+        "model_type": "ernie4_5_moe",
+        "architectures": ["Ernie4_5_MoeForCausalLM"],
+        "hidden_act": "silu",
+        "moe_intermediate_size": 16,
+        "moe_k": 2,
+        "moe_layer_interval": 1,
+        "moe_layer_start_index": 1,
+        "moe_num_experts": 4,
+        "moe_num_shared_experts": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000,
+        "tie_word_embeddings": True,
+        "use_bias": False,
+        "use_cache": True,
+    },
+    # tencent/Hunyuan-A13B-Instruct: the router's weight inside a linear gate.wg, a shared_mlp, per-head q/k norms
+    "hunyuan_v1_moe": {
+        "model_type": "hunyuan_v1_moe",
+        "architectures": ["HunYuanMoEV1ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "head_dim": 8,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "moe_topk": 2,
+        "num_attention_heads": 6,
+        "num_experts": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+    },
+}
 MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
 # Families whose adapter is derived from their modules, not declared (tests/families/test_derived.py)
 DERIVED_FAMILIES = [
@@ -554,7 +648,7 @@ def with_attention(families) -> list[tuple[str, str]]:
 
 def tiny_config(family: str = "llama", layers: int = 3, attn: str = "eager", **overrides):
     """The config of a tiny ``family`` model, built the way transformers reads a published config.json."""
-    fields = {**FAMILIES[family], **SIZES, **TOKENS, "num_hidden_layers": layers, **overrides}
+    fields = {**{**FAMILIES, **ROUTER_FAMILIES}[family], **SIZES, **TOKENS, "num_hidden_layers": layers, **overrides}
     config = CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
     config._attn_implementation = attn
     return config

@@ -37,7 +37,7 @@ GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 FUSED_GATED = (("gate_up_proj", "down_proj"),)
 PLAIN = (("up_proj", "down_proj"), ("c_fc", "c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"))
 ROUTERS = ("gate", "router")
-SHARED_EXPERTS = ("shared_expert", "shared_experts")
+SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
 CROSS_ATTENTION = ("encoder_attn", "cross_attn", "crossattention")
 
 
@@ -184,23 +184,59 @@ def _experts(mlp: nn.Module, module: str, where: str, fail) -> ExpertNames:
         found = ", ".join(f"{name} {list(shape)}" for name, shape in stacked.items()) or "one module per expert"
         raise fail(f"{where}.experts holds {found}, not the stacked gate_up_proj [E, 2I, H] and down_proj [E, H, I]")
     n_experts, hidden, _ = down
-    router = next(
-        (name for name in ROUTERS if name in children and _own_parameters(children[name]).get("weight") == (n_experts, hidden)),
-        None,
-    )
+    weights = {name: _router_weight(children[name], n_experts, hidden) for name in ROUTERS if name in children}
+    router = next((name for name, weight in weights.items() if weight), None)
+    router_weight = weights.get(router)
     if router is None:
         raise fail(f"{where} has no router ({', '.join(ROUTERS)}) with a weight [{n_experts}, {hidden}]")
-    router_extra = sorted(set(_own_parameters(children[router])) - {"weight"}) + _with_parameters(children[router], set())
-    if router_extra:
-        raise fail(f"{where}.{router}.{router_extra[0]} is a part of the router the pattern does not place")
+    router_tensors = []
+    for name, shape in _tensor_shapes(children[router]).items():
+        if name == router_weight:
+            continue
+        if not _per_expert(shape, n_experts):
+            raise fail(f"{where}.{router}.{name} {list(shape)} is a part of the router the pattern does not place")
+        router_tensors.append(f"{router}.{name}")  # a score-correction bias: one entry per expert
+    block_tensors = {**_own_parameters(mlp), **{name: tuple(b.shape) for name, b in mlp.named_buffers(recurse=False)}}
+    router_tensors += [name for name, shape in block_tensors.items() if _per_expert(shape, n_experts)]
     shared = next((name for name in SHARED_EXPERTS if name in children), None)
     shared_mlp = _mlp_names(children[shared], f"{where}.{shared}", fail) if shared else MLPNames()
     gates = [name for name, child in _linears(mlp).items() if name.endswith("_gate") and child.out_features == 1]
     placed = {"experts", router, *([shared] if shared else []), *gates}
-    extra = sorted(set(_with_parameters(mlp, placed)) | set(_own_parameters(mlp)))
+    extra = sorted(set(_with_parameters(mlp, placed)) | (set(_own_parameters(mlp)) - set(router_tensors)))
     if extra:
         raise fail(f"{where}.{extra[0]} is a part of the mixture of experts the pattern does not place")
-    return ExpertNames(module=module, router=router, shared=shared, shared_mlp=shared_mlp)
+    return ExpertNames(
+        module=module,
+        router=router,
+        router_weight=router_weight,
+        router_tensors=tuple(router_tensors),
+        shared=shared,
+        shared_mlp=shared_mlp,
+    )
+
+
+def _router_weight(router: nn.Module, n_experts: int, hidden: int) -> str | None:
+    """Where a router keeps its weight ``[E, H]``: its own ``weight``, or that of a linear child (Hunyuan's ``wg``)."""
+    if _own_parameters(router).get("weight") == (n_experts, hidden):
+        return "weight"
+    linears = [name for name, child in _linears(router).items() if _own_parameters(child) == {"weight": (n_experts, hidden)}]
+    return f"{linears[0]}.weight" if len(linears) == 1 else None
+
+
+def _tensor_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every parameter and buffer under ``module`` by its path, with its shape (masks aside)."""
+    shapes = {}
+    for path, sub in module.named_modules():
+        if "parametrizations" in path.split("."):
+            continue
+        own = {**_own_parameters(sub), **{name: tuple(b.shape) for name, b in sub.named_buffers(recurse=False)}}
+        shapes.update({f"{path}.{name}" if path else name: shape for name, shape in own.items()})
+    return shapes
+
+
+def _per_expert(shape: tuple[int, ...], n_experts: int) -> bool:
+    """A tensor holding one entry per expert, ``[E]`` or ``[1, E]``."""
+    return shape in ((n_experts,), (1, n_experts))
 
 
 def _layer(layer: nn.Module, index: int, fail) -> tuple[AttentionNames, MLPNames | None, ExpertNames | None]:

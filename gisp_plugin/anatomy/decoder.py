@@ -85,7 +85,12 @@ class ExpertNames:
     """Where a family keeps its routed experts (transformers 5 stacks them in 3-D tensors).
 
     ``experts`` holds ``gate_up`` ``[E, 2I, H]`` and ``down`` ``[E, H, I]``; ``router`` has a weight
-    ``[E, H]``; ``shared`` names an always-on shared expert MLP (Qwen2-MoE), if the family has one, whose
+    ``[E, H]`` (at ``router_weight`` inside it: Hunyuan's router keeps it in a linear ``wg``);
+    ``router_tensors`` are the other tensors that hold one entry per expert, paths relative to ``module``
+    (GLM-4.5's ``gate.e_score_correction_bias`` ``[E]``, ERNIE 4.5's ``gate.moe_statics.e_score_correction_bias``
+    ``[1, E]``, MiniMax-M2's ``e_score_correction_bias`` on the block itself): an expert owns its entry of each
+    as it owns its router row, so a compacted router keeps the entries of the live experts only. ``shared`` names
+    an always-on shared expert MLP (Qwen2-MoE), if the family has one, whose
     projections ``shared_mlp`` names. ``dense_layers_field`` and ``sparse_step_field`` name the config
     fields by which a family places its experts by layer index (Qwen-MoE's ``mlp_only_layers`` and
     ``decoder_sparse_step``): compaction rewrites them when whole layers are removed.
@@ -96,6 +101,8 @@ class ExpertNames:
     gate_up: str = "gate_up_proj"
     down: str = "down_proj"
     router: str = "gate"
+    router_weight: str = "weight"
+    router_tensors: tuple[str, ...] = ()
     shared: str | None = None
     shared_mlp: MLPNames = MLPNames()
     dense_layers_field: str | None = None
@@ -157,6 +164,10 @@ def _tensor(layer: nn.Module, path: str):
     return dense_tensor(layer.get_submodule(module_path), name)
 
 
+def _is_buffer(layer: nn.Module, path: str) -> bool:
+    return not isinstance(_tensor(layer, path), nn.Parameter)
+
+
 def _make_kind(
     layer: nn.Module,
     name: str,
@@ -169,6 +180,8 @@ def _make_kind(
     """A kind whose parameter counts come from the shapes of the real tensors its slices cut."""
 
     def params(tensor_slice: TensorSlice) -> int:
+        if _is_buffer(layer, tensor_slice.path):  # a router's per-expert buffer is state, not a parameter
+            return 0
         return tensor_slice.params_per_unit(_tensor(layer, tensor_slice.path).shape)
 
     deps = tuple(DependentSlice(s, readers, params(s)) for s, readers in dependents)
@@ -234,8 +247,19 @@ def expert_kind(layer: nn.Module, names: ExpertNames) -> StructureKind:
         TensorSlice(down, 2, 1, 0, n_experts),
     ]
     readers = tuple(tuple(range(e * per_expert, (e + 1) * per_expert)) for e in range(n_experts))
-    router_rows = TensorSlice(f"{router}.weight", 0, 1)
-    return _make_kind(layer, EXPERT_CHANNEL, "expert_mlp", n_experts * per_expert, owned, [(router_rows, readers)], router)
+    per_expert_tensors = [(TensorSlice(f"{router}.{names.router_weight}", 0, 1), readers)]  # the router rows come first
+    for name in names.router_tensors:
+        path = f"{names.module}.{name}"
+        per_expert_tensors.append((TensorSlice(path, expert_axis(path, _tensor(layer, path).shape, n_experts), 1), readers))
+    return _make_kind(layer, EXPERT_CHANNEL, "expert_mlp", n_experts * per_expert, owned, per_expert_tensors, router)
+
+
+def expert_axis(path: str, shape: tuple[int, ...], n_experts: int) -> int:
+    """The axis of a per-expert router tensor that runs over the experts (``[E]`` or ``[1, E]``)."""
+    axes = [axis for axis, size in enumerate(shape) if size == n_experts]
+    if len(axes) != 1 or any(size != 1 for axis, size in enumerate(shape) if axis != axes[0]):
+        raise ValueError(f"{path} {list(shape)} does not hold one entry per expert ({n_experts})")
+    return axes[0]
 
 
 def _mlp_kinds(layer: nn.Module, declaration: DecoderDeclaration) -> dict[str, StructureKind]:

@@ -23,6 +23,7 @@ from gisp_plugin.compaction.hidden import compact_hidden, without_hidden
 from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
 from gisp_plugin.compaction.slicing import Cut, cut_stacked, cut_tensor, gathered_rows
 from gisp_plugin.masking.masked_model import check_no_bias_in_removed_layers
+from gisp_plugin.masking.routing import router_attributes
 from gisp_plugin.masking.sparsifier import dense_tensor
 
 REMOTE_MODULE = "modeling_gisp_pruned"
@@ -123,21 +124,32 @@ def _experts(
                 state[f"{experts_path}.{j}.{tensor_name}.weight"] = piece
             if path == down:
                 widths = [piece.shape[1] for piece in pieces]
-        router = layer_module.get_submodule(kind.router)
         hidden = state[rows.slice.path].shape[1]
         modules[experts_path] = {"type": "ragged_experts", "hidden_size": hidden, "widths": widths}
-        modules[kind.router] = {
-            "type": "parameters",
-            "shapes": {rows.slice.tensor_name: [len(live), hidden]},
-            "attributes": _router_attributes(router, len(live)),
-        }
+        modules.update(_router_specs(layer_module, kind, cuts, state, len(live)))
     return modules
 
 
-def _router_attributes(router: nn.Module, live: int) -> dict[str, int]:
-    """The router's expert count and top-k (those of the two it has) for ``live`` remaining experts."""
-    attributes = {"num_experts": live, "top_k": min(getattr(router, "top_k", live), live)}
-    return {name: value for name, value in attributes.items() if hasattr(router, name)}
+def _router_specs(
+    layer_module: nn.Module, kind: StructureKind, cuts: dict[str, list[Cut]], state: dict, live: int
+) -> dict[str, dict]:
+    """The router (and a module around it holding per-expert tensors) with one entry per live expert.
+
+    Each module's parameters and buffers shrink to the cut shapes; the router's expert count and top-k
+    follow the live experts, and a router left without any routes no token (``no_experts``).
+    """
+    modules: dict[str, dict] = {}
+    for dep in kind.router_tensors:
+        path = dep.slice.path
+        state[path] = cut_tensor(state[path], cuts.pop(path))
+        owner = layer_module.get_submodule(dep.slice.module_path)
+        spec = modules.setdefault(dep.slice.module_path, {"type": "parameters", "shapes": {}, "buffers": {}, "attributes": {}})
+        group = "shapes" if isinstance(dense_tensor(owner, dep.slice.tensor_name), nn.Parameter) else "buffers"
+        spec[group][dep.slice.tensor_name] = list(state[path].shape)
+    router = modules.setdefault(kind.router, {"type": "parameters", "shapes": {}, "buffers": {}, "attributes": {}})
+    router["attributes"] = router_attributes(layer_module.get_submodule(kind.router), live)
+    router["no_experts"] = live == 0
+    return modules
 
 
 def compact_layer(

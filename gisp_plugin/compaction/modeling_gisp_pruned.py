@@ -11,7 +11,8 @@ soft-capping and scaling untouched) whose projections are resized layer by layer
   query head gets its own copy of the key/value head it reads (the family's ``repeat_kv`` needs equal
   groups); ``projection_norm``, a norm over a whole projection that keeps its dense divisor (OLMoE);
   ``ragged_experts``, the live routed experts each with its own width; ``parameters``, a
-  module (a router) whose parameters shrink and whose attributes (``top_k``) change;
+  module (a router) whose parameters and buffers (a score-correction bias) shrink and whose attributes
+  (``top_k``) change, or that routes no token (``no_experts``: every expert gone);
 - ``attention``: the head counts the family's attention reads at run time. A layer without query heads
   only keeps the key/value cache in step and adds its output bias, if any.
 
@@ -78,6 +79,15 @@ def _no_heads_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         cache.update(placeholder, placeholder, self.layer_idx)
     output = getattr(self, self.gisp_output_projection)
     return output(hidden_states.new_zeros(batch, seq, 0)), None
+
+
+def _no_experts_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    """Router of a layer that lost every routed expert: every logit ``-inf``, no expert picked (a shared expert,
+    if any, still runs); the family's own rule might not run over zero experts (Phi-MoE's sparse mixer)."""
+    tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
+    logits = hidden_states.new_full((tokens, 0), float("-inf"), dtype=torch.float32)
+    picked = hidden_states.new_zeros((tokens, 0))
+    return logits, picked, picked.long()
 
 
 class ProjectionRMSNorm(nn.Module):
@@ -151,8 +161,12 @@ def _resized(layer: nn.Module, path: str, spec: dict) -> None:
         module = layer.get_submodule(path)
         for name, shape in spec["shapes"].items():
             setattr(module, name, nn.Parameter(torch.empty(shape)))
+        for name, shape in spec.get("buffers", {}).items():
+            module.register_buffer(name, torch.empty(shape), persistent=name not in module._non_persistent_buffers_set)
         for name, value in spec["attributes"].items():
             setattr(module, name, value)
+        if spec.get("no_experts"):
+            module.forward = types.MethodType(_no_experts_forward, module)
     else:
         raise ValueError(f"unknown pruned module type {spec['type']!r} at {path}")
 
