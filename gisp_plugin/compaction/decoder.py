@@ -177,8 +177,7 @@ def compact_layer(
         state[f"{module_path}.bias"] = bias.clone() if dense_bias is None else dense_bias + bias
 
     norms = {f"{declaration.attention.module}.{norm}" for norm in declaration.attention.projection_norms or ()}
-    if norms and gathers:
-        raise ValueError(f"{layer.prefix}: uneven key/value groups under a norm over the whole key projection are not supported")
+    norm_gathers = _gathers_after_norms(layer, declaration.attention, gathers) if norms and gathers else {}
     for module_path in sorted({path.rsplit(".", 1)[0] for path in cuts} | set(extra)):
         if module_path in modules:
             continue
@@ -189,6 +188,7 @@ def compact_layer(
                 "features": state[f"{module_path}.weight"].shape[0],
                 "dense_features": dense_tensor(module, "weight").shape[0],
                 "eps": getattr(module, "variance_epsilon", getattr(module, "eps", None)),
+                "gather": norm_gathers.get(module_path),
             }
             continue
         if not isinstance(module, nn.Linear):
@@ -203,6 +203,21 @@ def compact_layer(
         }
     spec = {"modules": modules, "attention": attention}
     return spec, {key: value.detach().clone() for key, value in state.items()}
+
+
+def _gathers_after_norms(layer: LayerAnatomy, names, gathers: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Under uneven groups, the key rows are repeated after the norm over the whole key projection, not before.
+
+    OLMo 2's ``k_norm`` divides by the root mean square of the whole key projection: over the repeated rows it
+    would count a key/value head once per query head reading it. The compacted ``k_proj`` keeps each surviving
+    key/value head once, and its norm (``ProjectionRMSNorm``, with the dense width as divisor) repeats the
+    normalised rows, so it computes what the masked norm does over the zeroed heads. ``gathers`` loses the key
+    projection's entry; the result names the norm's.
+    """
+    if names.qkv is not None:
+        raise ValueError(f"{layer.prefix}: uneven key/value groups under a norm over a fused {names.qkv} are not supported")
+    key = f"{names.module}.{names.k}"
+    return {f"{names.module}.{names.projection_norms[1]}": gathers.pop(key)}
 
 
 def config_without_layers(config, kept: list[int], declaration: DecoderDeclaration | None = None) -> dict:

@@ -9,7 +9,8 @@ soft-capping and scaling untouched) whose projections are resized layer by layer
 - ``modules``: every resized module (relative to the decoder layer): a ``linear`` layer with its new
   shape, where ``gather`` lists output rows to repeat so that under uneven grouped-query attention each
   query head gets its own copy of the key/value head it reads (the family's ``repeat_kv`` needs equal
-  groups); ``projection_norm``, a norm over a whole projection that keeps its dense divisor (OLMoE);
+  groups); ``projection_norm``, a norm over a whole projection that keeps its dense divisor (OLMoE), and
+  under uneven groups repeats the key rows after normalising (``gather``);
   ``ragged_experts``, the live routed experts each with its own width; ``parameters``, a
   module (a router) whose parameters and buffers (a score-correction bias) shrink and whose attributes
   (``top_k``) change, or that routes no token (``no_experts``: every expert gone);
@@ -91,23 +92,32 @@ def _no_experts_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
 
 
 class ProjectionRMSNorm(nn.Module):
-    """An RMS norm over a whole query or key projection (OLMoE) that lost some heads' features.
+    """An RMS norm over a whole query or key projection (OLMoE, OLMo 2) that lost some heads' features.
 
     It divides by the dense projection's width, as the masked model's norm does over its zeroed
-    features, so the compacted model computes the same thing.
+    features, so the compacted model computes the same thing. Under uneven key/value groups, ``gather``
+    repeats its output rows (each query head its own copy of the key head it reads) after normalising, so
+    the mean is taken over each surviving key head once, as in the masked model.
     """
 
-    def __init__(self, features: int, dense_features: int, eps: float):
+    def __init__(self, features: int, dense_features: int, eps: float, gather: list[int] | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(features))
         self.dense_features = dense_features
         self.variance_epsilon = eps
+        self.gather = None if gather is None else list(gather)
+        self._index: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).sum(-1, keepdim=True) / self.dense_features
-        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).to(dtype)
+        out = self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).to(dtype)
+        if self.gather is None:
+            return out
+        if out.device not in self._index:
+            self._index[out.device] = torch.tensor(self.gather, dtype=torch.long, device=out.device)
+        return out.index_select(-1, self._index[out.device])
 
 
 class ExpertMLP(nn.Module):
@@ -153,7 +163,8 @@ def _resized(layer: nn.Module, path: str, spec: dict) -> None:
             module = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
         layer.set_submodule(path, module)
     elif spec["type"] == "projection_norm":
-        layer.set_submodule(path, ProjectionRMSNorm(spec["features"], spec["dense_features"], spec["eps"]))
+        norm = ProjectionRMSNorm(spec["features"], spec["dense_features"], spec["eps"], spec.get("gather"))
+        layer.set_submodule(path, norm)
     elif spec["type"] == "ragged_experts":
         act_fn = layer.get_submodule(path).act_fn
         layer.set_submodule(path, RaggedExperts(spec["hidden_size"], spec["widths"], act_fn))

@@ -2,7 +2,8 @@
 
 GLM-4.5 routes by sigmoid scores plus a score-correction bias (a buffer ``[E]`` on the router), ERNIE 4.5 keeps
 that bias as a parameter ``[1, E]`` of a module inside its router, Hunyuan keeps the router's weight in a linear
-``wg``, Phi-MoE picks its top-2 by a sparse-mixer threshold rule. An expert owns its entry of every such tensor as
+``wg``, Phi-MoE picks its top-2 by a sparse-mixer threshold rule, MiniMax-M2 keeps the bias on the block and
+passes it to its router. An expert owns its entry of every such tensor as
 it owns its router row; removed, the compacted router keeps the live experts' entries only, and the masked router
 routes by the family's own rule over the live experts. Tiny models from each family's own config class with the
 fields its published checkpoint sets (``tests.tiny.ROUTER_FAMILIES``).
@@ -27,6 +28,7 @@ ROUTERS = {
     "ernie4_5_moe": ("gate", "weight", ("gate.moe_statics.e_score_correction_bias",)),
     "hunyuan_v1_moe": ("gate", "wg.weight", ()),
     "phimoe": ("router", "weight", ()),
+    "minimax_m2": ("gate", "weight", ("e_score_correction_bias",)),
 }
 
 
