@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
-from gisp_plugin.adapters.adapter import ArchitectureAdapter, UnsupportedArchitectureError, decoder_adapter
+from gisp_plugin.adapters.adapter import ArchitectureAdapter, UnsupportedArchitectureError, decoder_adapter, model_family
 from gisp_plugin.anatomy.decoder import AttentionNames, DecoderDeclaration, ExpertNames, MLPNames
 from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
 from gisp_plugin.masking.sparsifier import dense_tensor
@@ -267,7 +267,7 @@ def _layer(layer: nn.Module, index: int, fail) -> tuple[AttentionNames, MLPNames
 
 def derive_declaration(model: PreTrainedModel) -> DecoderDeclaration:
     """The declaration of a model's decoder layers, read off its modules, or one line saying what is missing."""
-    model_type = getattr(model.config, "model_type", type(model).__name__)
+    model_type = model_family(model)  # a compacted model is read as its dense family
 
     def fail(what: str) -> UnsupportedArchitectureError:
         return _refuse(model_type, what)
@@ -306,6 +306,6 @@ def _describe(declaration: DecoderDeclaration) -> str:
 
 def derived_adapter(model: PreTrainedModel) -> ArchitectureAdapter:
     """The adapter of a family no plugin declares, from its derived declaration (refused in one line if none)."""
-    model_type = getattr(model.config, "model_type", type(model).__name__)
+    model_type = model_family(model)  # a compacted model is read as its dense family
     declaration = derive_declaration(model)
     return decoder_adapter(model_type, f"derived from its modules: {_describe(declaration)}", (model_type,), declaration, True)

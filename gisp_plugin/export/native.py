@@ -18,13 +18,15 @@ per layer).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from gisp_plugin.anatomy.decoder import DecoderDeclaration
+from gisp_plugin.anatomy.decoder import AttentionNames, DecoderDeclaration
 from gisp_plugin.compaction.decoder import copy_meta_buffers
 from gisp_plugin.export.engine_layers import EngineLayer, even_groups, pad_heads, pad_mlp, read_layer
 from gisp_plugin.export.model_parts import ModelParts, model_parts
@@ -88,12 +90,43 @@ def _layer_state(layer: EngineLayer, declaration: DecoderDeclaration) -> dict[st
         bias = None if mlp.gate_bias is None or mlp.up_bias is None else torch.cat([mlp.gate_bias, mlp.up_bias])
         projections[f"{m.module}.{m.gate_up}"] = (torch.cat([mlp.gate, mlp.up]), bias)
     else:
-        projections.update({f"{m.module}.{m.gate}": (mlp.gate, mlp.gate_bias), f"{m.module}.{m.up}": (mlp.up, mlp.up_bias)})
+        projections[f"{m.module}.{m.up}"] = (mlp.up, mlp.up_bias)
+        if m.gate is not None:
+            projections[f"{m.module}.{m.gate}"] = (mlp.gate, mlp.gate_bias)
     for path, (weight, bias) in projections.items():
         state[f"{path}.weight"] = weight
         if bias is not None:
             state[f"{path}.bias"] = bias
     return state
+
+
+def _with_native_norms(layer: nn.Module, engine: EngineLayer, names: AttentionNames) -> EngineLayer:
+    """The layer with its norms over whole q/k projections made exact in the family's own norm (OLMo 2's).
+
+    A compacted ``ProjectionRMSNorm`` divides by the dense width ``D``; the family's norm by its own width ``n``.
+    Scaling the projection's rows by ``c = sqrt(n / D)`` and the norm's weight by ``1 / c`` gives
+    ``w / c * c x / sqrt(c^2 |x|^2 / n + eps) = w x / sqrt(|x|^2 / D + eps)``: the same output, exactly.
+    """
+    if names.projection_norms is None:
+        return engine
+    att, others = engine.attention, dict(engine.others)
+    scaled = {}
+    for which, norm_name in zip(("q", "k"), names.projection_norms, strict=True):
+        norm = layer.get_submodule(f"{names.module}.{norm_name}")
+        dense = getattr(norm, "dense_features", None)
+        if dense is None:
+            continue
+        if getattr(norm, "gather", None) is not None:
+            raise NativeFormError(
+                f"{names.module}.{norm_name} repeats key rows for uneven groups; per-layer shapes need modeling_gisp_pruned.py"
+            )
+        rows = getattr(att, which)
+        c = math.sqrt(rows.shape[0] / dense)
+        bias = getattr(att, f"{which}_bias")
+        scaled[which] = rows * c
+        scaled[f"{which}_bias"] = None if bias is None else bias * c
+        others[f"{names.module}.{norm_name}.weight"] = others[f"{names.module}.{norm_name}.weight"] / c
+    return EngineLayer(replace(att, **scaled), engine.mlp, others)
 
 
 def _native_config(model: PreTrainedModel, parts: ModelParts, shape: NativeShape, switches: dict[str, bool]):
@@ -107,7 +140,10 @@ def _native_config(model: PreTrainedModel, parts: ModelParts, shape: NativeShape
         intermediate_size=shape.width,
         **switches,
     )
-    config = CONFIG_MAPPING[parts.family](**values)
+    try:
+        config = CONFIG_MAPPING[parts.family](**values)
+    except ValueError as err:  # a config that validates its fields against each other
+        raise NativeFormError(f"the {parts.family} config refuses {shape.n_head}/{shape.n_kv} heads: {err}") from None
     config._attn_implementation = model.config._attn_implementation
     return config
 
@@ -117,8 +153,11 @@ def _build(model: PreTrainedModel, parts: ModelParts, shape: NativeShape, state:
     switches: dict[str, bool] = {}
     for _ in range(len(BIAS_SWITCHES) + 1):
         config = _native_config(model, parts, shape, switches)
-        with torch.device("meta"):
-            native = AutoModelForCausalLM.from_config(config)
+        try:
+            with torch.device("meta"):
+                native = AutoModelForCausalLM.from_config(config)
+        except ValueError as err:  # the family's model refuses the shape (StableLM: hidden size not a multiple of heads)
+            raise NativeFormError(f"the {parts.family} model refuses {shape.n_head}/{shape.n_kv} heads: {err}") from None
         expected = dict(native.state_dict())
         unexpected = sorted(set(state) - set(expected))
         wanted = [s for s in BIAS_SWITCHES if hasattr(config, s) and not getattr(config, s) and unexpected]
@@ -173,8 +212,10 @@ def check_same_outputs(reference: PreTrainedModel, candidate: PreTrainedModel, f
 def to_native(model: PreTrainedModel, pad: bool = False, grouping: str = "pad") -> tuple[PreTrainedModel, list[str]]:
     """The family's own model equal to ``model`` and what was padded (``pad``); ``NativeFormError`` if none is."""
     try:
-        parts = model_parts(model)  # a family derived from its modules is not found again from a compacted model
-        layers = [read_layer(layer, parts.declaration) for layer in parts.layers]
+        parts = model_parts(model)  # a derived family is read again off the compacted model's modules
+        layers = [
+            _with_native_norms(layer, read_layer(layer, parts.declaration), parts.declaration.attention) for layer in parts.layers
+        ]
     except ValueError as err:
         raise NativeFormError(str(err)) from None
     notes: list[str] = []

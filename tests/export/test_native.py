@@ -125,3 +125,36 @@ def test_gisp_prune_saves_layer_removal_natively(tmp_path, tokenizer):
     removed = [layer for layer, kinds in record["pruned_structures"].items() if kinds.get("layer")]
     loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
     assert removed and loaded.config.num_hidden_layers == 3 - len(removed)
+
+
+# Derived families whose own config cannot hold a compacted head count: the head size follows hidden / heads
+NATIVE_REFUSED = {"stablelm": "config builds", "helium": "config builds"}
+
+
+@pytest.mark.parametrize("family", DERIVED_FAMILIES)
+def test_a_derived_family_saves_natively_when_its_config_holds_the_shape(tmp_path, tokenizer, family):
+    """The derived anatomy is read again off the compacted model (as its dense family); plain MLPs, LayerNorms,
+    xIELU's buffers and OLMo 2's norms over whole projections (made exact by scaling) go into the family's own
+    model, which must equal the compacted one on logits, through the cache and in greedy generation."""
+    model = tiny_model(family, layers=4)
+    adapter = adapter_for(model)
+    anatomy = adapter.anatomy(model)
+    keep = uniform_keep(anatomy)
+    compact = adapter.compact(model, keep)
+    native, form = saved_form(compact)
+    if family in NATIVE_REFUSED:
+        assert native is compact and form["form"] == "gisp-pruned" and NATIVE_REFUSED[family] in form["why"], form
+        return
+    assert form["form"] == "native", form
+    folder = save_pruned(native, tokenizer, tmp_path / "native", record_for(compact, anatomy, keep))
+    assert not (folder / "modeling_gisp_pruned.py").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False).eval()
+    assert type(loaded).__module__.startswith("transformers.models.")
+    ids = random_ids(2, 10)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(compact, ids), rtol=0, atol=ATOL)
+    with torch.no_grad():
+        prefix = loaded(ids[:, :-1], use_cache=True)
+        step = loaded(ids[:, -1:], cache=prefix.cache).logits[:, -1]
+        torch.testing.assert_close(step, _logits(compact, ids)[:, -1], rtol=0, atol=ATOL)
+        want = compact.generate(ids[:1], max_new_tokens=5, do_sample=False)
+        assert torch.equal(loaded.generate(ids[:1], max_new_tokens=5, do_sample=False), want)
