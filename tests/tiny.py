@@ -637,6 +637,38 @@ ROUTER_FAMILIES = {
         "use_cache": True,
     },
 }
+# Hybrids pruned in part: their MLPs and experts only (their linear-attention and attention layers kept whole)
+HYBRID_FAMILIES = {
+    # Qwen/Qwen3-Next-80B-A3B-Instruct: three gated-delta-net (linear attention) layers then one gated full attention,
+    # routed experts plus a gated shared expert in every layer
+    "qwen3_next": {
+        "model_type": "qwen3_next",
+        "architectures": ["Qwen3NextForCausalLM"],
+        "decoder_sparse_step": 1,
+        "full_attention_interval": 4,
+        "head_dim": 8,
+        "hidden_act": "silu",
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 8,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_value_head_dim": 8,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 16,
+        "norm_topk_prob": True,
+        "num_attention_heads": 6,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_key_value_heads": 2,
+        "partial_rotary_factor": 0.25,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000000,
+        "router_aux_loss_coef": 0.001,
+        "shared_expert_intermediate_size": 16,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+    },
+}
 MOE_FAMILIES = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe"}
 # Families whose adapter is derived from their modules, not declared (tests/families/test_derived.py)
 DERIVED_FAMILIES = [
@@ -672,7 +704,8 @@ def with_attention(families) -> list[tuple[str, str]]:
 
 def tiny_config(family: str = "llama", layers: int = 3, attn: str = "eager", **overrides):
     """The config of a tiny ``family`` model, built the way transformers reads a published config.json."""
-    fields = {**{**FAMILIES, **ROUTER_FAMILIES}[family], **SIZES, **TOKENS, "num_hidden_layers": layers, **overrides}
+    published = {**FAMILIES, **ROUTER_FAMILIES, **HYBRID_FAMILIES}[family]
+    fields = {**published, **SIZES, **TOKENS, "num_hidden_layers": layers, **overrides}
     config = CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
     config._attn_implementation = attn
     return config

@@ -283,7 +283,13 @@ def derive_declaration(model: PreTrainedModel) -> DecoderDeclaration:
         raise fail(f"it keeps no decoder layers at {LAYERS} (it holds {children})") from None
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         raise fail(f"{LAYERS} is not a list of decoder layers")
-    read = [_layer(layer, index, fail) for index, layer in enumerate(layers)]
+    try:
+        read = [_layer(layer, index, fail) for index, layer in enumerate(layers)]
+    except UnsupportedArchitectureError as refusal:
+        mixers = _hybrid_mixers(layers)
+        if not mixers:
+            raise
+        return _mlps_only(layers, mixers, fail) or _raise(refusal)
     attention = {names[0] for names in read}
     if len(attention) != 1:
         raise fail(f"its layers place attention differently ({' vs '.join(sorted(str(a) for a in attention))})")
@@ -294,8 +300,58 @@ def derive_declaration(model: PreTrainedModel) -> DecoderDeclaration:
     return DecoderDeclaration(attention.pop(), dense.pop() if dense else MLPNames(), experts.pop() if experts else None, LAYERS)
 
 
+def _raise(error: Exception):
+    raise error
+
+
+def _hybrid_mixers(layers: nn.ModuleList) -> list[str]:
+    """The token mixers other than softmax attention a hybrid's layers hold (``linear_attn``, ``mamba``), if any.
+
+    A child with parameters that is neither a norm (one weight of the hidden width), the attention nor the MLP
+    module is a mixer; a layer without an attention module has one by construction.
+    """
+    mixers = {}
+    for layer in layers:
+        children = dict(layer.named_children())
+        placed = {name for name in (*ATTENTION_MODULES, *MLP_MODULES) if name in children}
+        for name in _with_parameters(layer, placed):
+            if any(p.dim() > 1 for p in children[name].parameters()):
+                mixers[name] = True
+    return list(mixers)
+
+
+def _mlps_only(layers: nn.ModuleList, mixers: list[str], fail) -> DecoderDeclaration | None:
+    """A hybrid's declaration pruned in part: its MLPs and experts, its mixers and attention left whole (or
+    ``None`` when a layer has no MLP the pattern reads)."""
+    read = []
+    for index, layer in enumerate(layers):
+        where = f"{LAYERS}.{index}"
+        children = dict(layer.named_children())
+        module = next((name for name in MLP_MODULES if name in children), None)
+        if module is None:
+            return None
+        mlp = children[module]
+        try:
+            if "experts" in dict(mlp.named_children()):
+                read.append((None, _experts(mlp, module, f"{where}.{module}", fail)))
+            else:
+                dense = _mlp_names(mlp, f"{where}.{module}", fail)
+                read.append((MLPNames(module=module, gate=dense.gate, up=dense.up, down=dense.down, gate_up=dense.gate_up), None))
+        except UnsupportedArchitectureError:
+            return None
+    dense = {names[0] for names in read if names[0] is not None}
+    experts = {names[1] for names in read if names[1] is not None}
+    if len(dense) > 1 or len(experts) > 1:
+        return None
+    why = f"its token mixers ({', '.join(mixers)}) and attention are kept whole; its MLPs and experts are pruned"
+    return DecoderDeclaration(None, dense.pop() if dense else MLPNames(), experts.pop() if experts else None, LAYERS, why)
+
+
 def _describe(declaration: DecoderDeclaration) -> str:
     a, m, e = declaration.attention, declaration.mlp, declaration.experts
+    if a is None:
+        mlp = "routed experts" if e is not None else f"{m.gate_up or '/'.join(n for n in (m.gate, m.up) if n)}/{m.down}"
+        return f"pruned in part ({mlp}): {declaration.partial}"
     attention = a.qkv if a.qkv else "/".join((a.q, a.k, a.v))
     norms = f", {'/'.join(a.projection_norms)} over the projections" if a.projection_norms else ""
     mlp = "routed experts" + (f" + {e.shared}" if e.shared else "") if e is not None else ""

@@ -123,20 +123,27 @@ class DecoderDeclaration:
 
     With ``experts`` set, a layer whose MLP holds routed experts gets expert channels (and shared-expert
     channels) instead of dense MLP channels; other layers of the same model stay dense.
+
+    ``attention=None`` declares a model pruned in part (a hybrid such as Qwen3-Next, Jamba, Bamba): only its
+    MLPs and experts are structures; its token mixers (linear attention, state-space layers, attention) stay
+    whole, and so do its layers and hidden dimension, which the mixers also read and write. ``partial`` says
+    why, for the record.
     """
 
-    attention: AttentionNames = AttentionNames()
+    attention: AttentionNames | None = AttentionNames()
     mlp: MLPNames = MLPNames()
     experts: ExpertNames | None = None
     layers: str = "model.layers"
+    partial: str | None = None
 
     @property
     def projections(self) -> tuple[str, ...]:
         """The leaf names of every linear projection the declaration names (LoRA recovery adapts these)."""
         a = self.attention
-        attention = (a.qkv,) if a.qkv is not None else (a.q, a.k, a.v)
+        attention = () if a is None else (a.qkv,) if a.qkv is not None else (a.q, a.k, a.v)
+        output = () if a is None else (a.o,)
         shared = self.experts.shared_mlp.projections if self.experts is not None and self.experts.shared else ()
-        return tuple(dict.fromkeys((*attention, a.o, *self.mlp.projections, *shared)))
+        return tuple(dict.fromkeys((*attention, *output, *self.mlp.projections, *shared)))
 
 
 @dataclass(frozen=True)
@@ -303,10 +310,14 @@ def whole_layer_kind(layer: nn.Module, kinds: dict[str, StructureKind]) -> Struc
 def decoder_anatomy(model: nn.Module, declaration: DecoderDeclaration, adapter_name: str) -> ModelAnatomy:
     """The anatomy of every decoder layer, read off the model's real module shapes."""
     layers = []
+    partial = declaration.attention is None  # mixers stay whole: no layer is the identity with its MLP zeroed
     for index, layer in enumerate(model.get_submodule(declaration.layers)):
-        kinds = {ATTN_HEAD: attention_kind(layer, declaration.attention), **_mlp_kinds(layer, declaration)}
+        attention = {} if partial else {ATTN_HEAD: attention_kind(layer, declaration.attention)}
+        kinds = {**attention, **_mlp_kinds(layer, declaration)}
         total = sum(p.numel() for p in layer.parameters())
         owned = sum(kind.dense_params for kind in kinds.values())
-        layers.append(LayerAnatomy(index, f"{declaration.layers}.{index}", kinds, total - owned, whole_layer_kind(layer, kinds)))
+        whole = None if partial else whole_layer_kind(layer, kinds)
+        layers.append(LayerAnatomy(index, f"{declaration.layers}.{index}", kinds, total - owned, whole))
     kind_names = tuple(dict.fromkeys(name for layer in layers for name in layer.kinds))
-    return ModelAnatomy(adapter_name, tuple(layers), kind_names, hidden_dimension(model, tuple(layers)))
+    hidden = None if partial else hidden_dimension(model, tuple(layers))
+    return ModelAnatomy(adapter_name, tuple(layers), kind_names, hidden)

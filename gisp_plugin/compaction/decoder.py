@@ -73,12 +73,16 @@ def _heads(kind: StructureKind, flags: torch.Tensor) -> tuple[int, int, bool]:
     return n_heads, len(alive), len(set(alive)) <= 1
 
 
-def _attention(layer: LayerAnatomy, keep: KeepMask, cuts: dict[str, list[Cut]], names) -> tuple[dict, dict[str, list[int]]]:
+def _attention(
+    layer: LayerAnatomy, keep: KeepMask, cuts: dict[str, list[Cut]], names
+) -> tuple[dict | None, dict[str, list[int]]]:
     """The attention spec (head counts the family reads at run time) and the rows to repeat, by module.
 
     Under uneven groups each query head gets its own copy of its key/value head (``gathered_rows``).
     """
-    kind = next(kind for kind in layer.kinds.values() if kind.block == "attention")
+    kind = next((kind for kind in layer.kinds.values() if kind.block == "attention"), None)
+    if kind is None:  # a model pruned in its MLPs only: the attention (or other mixer) is the family's, whole
+        return None, {}
     flags = keep[layer.index, kind.name]
     n_heads, n_kv, even = _heads(kind, flags)
     gathers: dict[str, list[int]] = {}
@@ -176,8 +180,9 @@ def compact_layer(
         bias = bias.detach().to(device=weight.device, dtype=weight.dtype)
         state[f"{module_path}.bias"] = bias.clone() if dense_bias is None else dense_bias + bias
 
-    norms = {f"{declaration.attention.module}.{norm}" for norm in declaration.attention.projection_norms or ()}
-    norm_gathers = _gathers_after_norms(layer, declaration.attention, gathers) if norms and gathers else {}
+    names = declaration.attention
+    norms = {f"{names.module}.{norm}" for norm in names.projection_norms or ()} if names is not None else set()
+    norm_gathers = _gathers_after_norms(layer, names, gathers) if norms and gathers else {}
     for module_path in sorted({path.rsplit(".", 1)[0] for path in cuts} | set(extra)):
         if module_path in modules:
             continue

@@ -15,7 +15,8 @@ soft-capping and scaling untouched) whose projections are resized layer by layer
   module (a router) whose parameters and buffers (a score-correction bias) shrink and whose attributes
   (``top_k``) change, or that routes no token (``no_experts``: every expert gone);
 - ``attention``: the head counts the family's attention reads at run time. A layer without query heads
-  only keeps the key/value cache in step and adds its output bias, if any.
+  only keeps the key/value cache in step and adds its output bias, if any. ``None`` in a model pruned in
+  its MLPs only (a hybrid's mixers stay whole).
 
 The classes are made on first use for any family transformers knows, named after its config class:
 ``GispPrunedQwen2Config`` and ``GispPrunedQwen2ForCausalLM``, ``GispPrunedGemma3TextConfig`` and
@@ -190,6 +191,8 @@ def install_pruned_layers(model: nn.Module, config) -> None:
             for path, module_spec in spec["modules"].items():
                 _resized(layer, path, module_spec)
             attention = spec["attention"]
+            if attention is None:  # pruned in its MLPs only: the layer's mixer is the family's, whole
+                continue
             attn = layer.get_submodule(attention["module"])
             heads = {key: attention[key] for key in ("num_key_value_heads", "num_key_value_groups")}
             for key, value in heads.items():

@@ -213,6 +213,10 @@ def to_native(model: PreTrainedModel, pad: bool = False, grouping: str = "pad") 
     """The family's own model equal to ``model`` and what was padded (``pad``); ``NativeFormError`` if none is."""
     try:
         parts = model_parts(model)  # a derived family is read again off the compacted model's modules
+        if parts.declaration.attention is None:
+            raise NativeFormError(
+                f"the {parts.family} model is pruned in its MLPs only; per-layer widths need modeling_gisp_pruned.py"
+            )
         layers = [
             _with_native_norms(layer, read_layer(layer, parts.declaration), parts.declaration.attention) for layer in parts.layers
         ]
