@@ -228,6 +228,13 @@ class _PrunedModelMixin:
         super().__init__(config)
         install_pruned_layers(self, config)
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: the family's own ``_init_weights`` (transformers' guarded init functions, which leave loaded
+        tensors alone) runs on load. As custom code, a module whose own tensors all loaded would be skipped, and
+        a buffer a parent module computes would stay unset (Falcon-H1's ``mup_vector``, set by the model's init)."""
+        return False
+
 
 _CLASSES: dict[str, tuple[type, type]] = {}
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from gisp_plugin.adapters.api import adapter_for
+from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.pruning import check_run, run_method
-from tests.tiny import random_ids, random_keep, tiny_model
+from tests.tiny import random_ids, random_keep, record_for, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +62,25 @@ def test_the_record_says_the_model_was_pruned_in_part(model, tokenizer):
 def test_layer_removal_is_refused_on_a_model_pruned_in_part(model):
     with pytest.raises(ValueError, match="shortgpt removes whole layers; the qwen3_next anatomy declares none"):
         check_run(model, "shortgpt", [0.3])
+
+
+def test_falcon_h1_is_pruned_in_its_mlps_and_reloads_with_its_computed_buffers(tmp_path, tokenizer):
+    """Falcon-H1 runs a state-space mixer beside the attention in every layer: its MLPs are pruned, and the
+    saved model reloads with the mixer's ``mup_vector`` (a non-persistent buffer the model computes at init)."""
+    model = tiny_model("falcon_h1", layers=2)
+    adapter = adapter_for(model)
+    assert adapter.declaration.attention is None and "mamba" in adapter.declaration.partial
+    anatomy = adapter.anatomy(model)
+    keep = random_keep(anatomy, 0, 0.5, empty_layer=1, empty_kind="mlp_channel")
+    ids = random_ids(2, 10)
+    with MaskedModel(model, anatomy) as masked, torch.no_grad():
+        masked.apply(keep)
+        expected = model(ids).logits
+    compact = adapter.compact(model, keep)
+    folder = save_pruned(compact, tokenizer, tmp_path / "m", record_for(compact, anatomy, keep))
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compact(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        want = compact.generate(ids[:1], max_new_tokens=4, do_sample=False)
+        assert torch.equal(reloaded.generate(ids[:1], max_new_tokens=4, do_sample=False), want)
