@@ -126,7 +126,8 @@ def _projection_norms(attn, used, head_dim, query_width, where, module, fail) ->
         if set(params) - {"bias"} != {"weight"} or len(params["weight"]) != 1 or _with_parameters(child, set()):
             raise fail(f"{where}.{module}.{name} ({shapes}) is neither a per-head norm nor a norm over a whole projection")
         width = params["weight"][0]
-        if width == head_dim and all(shape == (head_dim,) for shape in params.values()):
+        per_head = width == head_dim and not hasattr(child, "dense_features")  # a cut projection norm may be one head wide
+        if per_head and all(shape == (head_dim,) for shape in params.values()):
             continue  # one norm over each head's features, shared by all heads: it stays whole
         if "bias" in params:
             raise fail(f"{where}.{module}.{name} ({shapes}) is a norm with a bias over a whole projection")

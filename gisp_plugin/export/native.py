@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from gisp_plugin.anatomy.decoder import AttentionNames, DecoderDeclaration
+from gisp_plugin.anatomy.decoder import DecoderDeclaration
 from gisp_plugin.compaction.decoder import copy_meta_buffers
 from gisp_plugin.export.engine_layers import EngineLayer, even_groups, pad_heads, pad_mlp, read_layer
 from gisp_plugin.export.model_parts import ModelParts, model_parts
@@ -100,32 +100,38 @@ def _layer_state(layer: EngineLayer, declaration: DecoderDeclaration) -> dict[st
     return state
 
 
-def _with_native_norms(layer: nn.Module, engine: EngineLayer, names: AttentionNames) -> EngineLayer:
-    """The layer with its norms over whole q/k projections made exact in the family's own norm (OLMo 2's).
+def _native_layer(layer: nn.Module, declaration: DecoderDeclaration) -> EngineLayer:
+    """One layer read as plain tensors, its norms over whole q/k projections made exact in the family's own norm.
 
-    A compacted ``ProjectionRMSNorm`` divides by the dense width ``D``; the family's norm by its own width ``n``.
-    Scaling the projection's rows by ``c = sqrt(n / D)`` and the norm's weight by ``1 / c`` gives
-    ``w / c * c x / sqrt(c^2 |x|^2 / n + eps) = w x / sqrt(|x|^2 / D + eps)``: the same output, exactly.
+    A compacted ``ProjectionRMSNorm`` (OLMo 2's) divides by the dense width ``D``; the family's norm by its own
+    width ``n``. Scaling the projection's rows by ``c = sqrt(n / D)`` and the norm's weight by ``1 / c`` gives
+    ``w / c * c x / sqrt(c^2 |x|^2 / n + eps) = w x / sqrt(|x|^2 / D + eps)``: the same output, exactly. A key
+    norm that repeats its rows (uneven groups) is refused before reading.
     """
-    if names.projection_norms is None:
-        return engine
+    names = declaration.attention
+    norms = {
+        which: (name, layer.get_submodule(f"{names.module}.{name}"))
+        for which, name in zip(("q", "k"), names.projection_norms or ("", ""), strict=True)
+        if name
+    }
+    for name, norm in norms.values():
+        if getattr(norm, "gather", None) is not None:
+            raise NativeFormError(
+                f"{names.module}.{name} repeats key rows (uneven groups); per-layer shapes need modeling_gisp_pruned.py"
+            )
+    engine = read_layer(layer, declaration)
     att, others = engine.attention, dict(engine.others)
     scaled = {}
-    for which, norm_name in zip(("q", "k"), names.projection_norms, strict=True):
-        norm = layer.get_submodule(f"{names.module}.{norm_name}")
+    for which, (name, norm) in norms.items():
         dense = getattr(norm, "dense_features", None)
         if dense is None:
             continue
-        if getattr(norm, "gather", None) is not None:
-            raise NativeFormError(
-                f"{names.module}.{norm_name} repeats key rows for uneven groups; per-layer shapes need modeling_gisp_pruned.py"
-            )
         rows = getattr(att, which)
         c = math.sqrt(rows.shape[0] / dense)
         bias = getattr(att, f"{which}_bias")
         scaled[which] = rows * c
         scaled[f"{which}_bias"] = None if bias is None else bias * c
-        others[f"{names.module}.{norm_name}.weight"] = others[f"{names.module}.{norm_name}.weight"] / c
+        others[f"{names.module}.{name}.weight"] = others[f"{names.module}.{name}.weight"] / c
     return EngineLayer(replace(att, **scaled), engine.mlp, others)
 
 
@@ -217,9 +223,7 @@ def to_native(model: PreTrainedModel, pad: bool = False, grouping: str = "pad") 
             raise NativeFormError(
                 f"the {parts.family} model is pruned in its MLPs only; per-layer widths need modeling_gisp_pruned.py"
             )
-        layers = [
-            _with_native_norms(layer, read_layer(layer, parts.declaration), parts.declaration.attention) for layer in parts.layers
-        ]
+        layers = [_native_layer(layer, parts.declaration) for layer in parts.layers]
     except ValueError as err:
         raise NativeFormError(str(err)) from None
     notes: list[str] = []

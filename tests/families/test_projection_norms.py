@@ -16,6 +16,7 @@ from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.adapters.self_check import self_check
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.compaction.modeling_gisp_pruned import GatheredLinear
+from gisp_plugin.export.native import saved_form
 from gisp_plugin.masking.masked_model import MaskedModel
 from tests.tiny import random_ids, random_keep, tiny_model
 
@@ -53,6 +54,9 @@ def test_uneven_groups_under_a_whole_projection_key_norm_equal_masking():
     attn = compact.model.layers[0].self_attn
     assert not isinstance(attn.k_proj, GatheredLinear) and isinstance(attn.v_proj, GatheredLinear)
     assert attn.k_norm.gather is not None and attn.k_norm.weight.shape == (16,)  # both key heads, once each
+    # what `gisp prune` saves: the pruned form, saying why (the family's own norm cannot repeat key rows)
+    same, form = saved_form(compact)
+    assert same is compact and form["form"] == "gisp-pruned" and "repeats key rows" in form["why"]
 
 
 @pytest.mark.parametrize("seed", range(4))
