@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gisp_plugin.adapters.api import adapter_for
+from gisp_plugin.adapters.self_check import SelfCheckError, self_check
 from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.pruning import check_run, run_method
@@ -84,3 +85,11 @@ def test_falcon_h1_is_pruned_in_its_mlps_and_reloads_with_its_computed_buffers(t
         torch.testing.assert_close(reloaded(ids).logits, expected, rtol=1e-5, atol=1e-5)
         want = compact.generate(ids[:1], max_new_tokens=4, do_sample=False)
         assert torch.equal(reloaded.generate(ids[:1], max_new_tokens=4, do_sample=False), want)
+
+
+def test_the_self_check_says_when_the_family_itself_does_not_run():
+    """Two Qwen3-Next layers are both linear attention: the family's own model has no key/value cache layer and
+    does not run, which the refusal names rather than blaming compaction."""
+    model = tiny_model("qwen3_next", layers=2)
+    with pytest.raises(SelfCheckError, match=r"^model type 'qwen3_next': its own model with 2 layers does not run"):
+        self_check(model, adapter_for(model))
