@@ -147,14 +147,18 @@ def check_before_loading(model: str, method: str, targets: Sequence[float], opti
 
 
 def anatomy_provenance(adapter) -> dict[str, str]:
-    """Where a run's anatomy came from, for its record: the adapter, declared or derived, and (derived)
-    that the self-check passed (``check_run`` refuses the run otherwise)."""
+    """Where a run's anatomy came from, for its record: the adapter, declared or derived, (derived) that the
+    self-check passed (``check_run`` refuses the run otherwise), and for a hybrid pruned in its MLPs only, why."""
     derived = getattr(adapter, "derived", False)
-    return {
+    provenance = {
         "adapter": adapter.name,
         "anatomy": "derived" if derived else "declared",
         "self_check": "passed" if derived else "not needed",
     }
+    partial = getattr(adapter.declaration, "partial", None)
+    if partial:  # a hybrid pruned where it follows the pattern only (its MLPs and experts)
+        provenance["pruned_in_part"] = partial
+    return provenance
 
 
 def run_method(

@@ -18,6 +18,12 @@ class UnsupportedArchitectureError(ValueError):
     """The model's family has no adapter, and its anatomy cannot be read from its modules."""
 
 
+def model_family(model: PreTrainedModel) -> str:
+    """The ``model_type`` of the dense family (a compacted model names it as ``pruning_base_model_type``)."""
+    config = model.config
+    return getattr(config, "pruning_base_model_type", "") or getattr(config, "model_type", type(model).__name__)
+
+
 @dataclass(frozen=True)
 class ArchitectureAdapter:
     """Maps one Hugging Face model family onto prunable structures and compacts it.

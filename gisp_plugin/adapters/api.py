@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from gisp_plugin.adapters.adapter import ArchitectureAdapter, UnsupportedArchitectureError
+from gisp_plugin.adapters.adapter import ArchitectureAdapter, UnsupportedArchitectureError, model_family
 from gisp_plugin.adapters.derived import derived_adapter
 from gisp_plugin.plugins.manager import registered
 
 __all__ = ["ArchitectureAdapter", "UnsupportedArchitectureError", "adapter_for", "model_family"]
-
-
-def model_family(model: PreTrainedModel) -> str:
-    """The ``model_type`` of the dense family (a compacted model names it as ``pruning_base_model_type``)."""
-    config = model.config
-    return getattr(config, "pruning_base_model_type", "") or getattr(config, "model_type", type(model).__name__)
 
 
 def adapter_for(model: PreTrainedModel) -> ArchitectureAdapter:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 
-from gisp_plugin.adapters.adapter import ArchitectureAdapter, UnsupportedArchitectureError, decoder_adapter
+from gisp_plugin.adapters.adapter import ArchitectureAdapter, UnsupportedArchitectureError, decoder_adapter, model_family
 from gisp_plugin.anatomy.decoder import AttentionNames, DecoderDeclaration, ExpertNames, MLPNames
 from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
 from gisp_plugin.masking.sparsifier import dense_tensor
@@ -37,7 +37,7 @@ GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 FUSED_GATED = (("gate_up_proj", "down_proj"),)
 PLAIN = (("up_proj", "down_proj"), ("c_fc", "c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"))
 ROUTERS = ("gate", "router")
-SHARED_EXPERTS = ("shared_expert", "shared_experts")
+SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
 CROSS_ATTENTION = ("encoder_attn", "cross_attn", "crossattention")
 
 
@@ -126,7 +126,8 @@ def _projection_norms(attn, used, head_dim, query_width, where, module, fail) ->
         if set(params) - {"bias"} != {"weight"} or len(params["weight"]) != 1 or _with_parameters(child, set()):
             raise fail(f"{where}.{module}.{name} ({shapes}) is neither a per-head norm nor a norm over a whole projection")
         width = params["weight"][0]
-        if width == head_dim and all(shape == (head_dim,) for shape in params.values()):
+        per_head = width == head_dim and not hasattr(child, "dense_features")  # a cut projection norm may be one head wide
+        if per_head and all(shape == (head_dim,) for shape in params.values()):
             continue  # one norm over each head's features, shared by all heads: it stays whole
         if "bias" in params:
             raise fail(f"{where}.{module}.{name} ({shapes}) is a norm with a bias over a whole projection")
@@ -184,23 +185,59 @@ def _experts(mlp: nn.Module, module: str, where: str, fail) -> ExpertNames:
         found = ", ".join(f"{name} {list(shape)}" for name, shape in stacked.items()) or "one module per expert"
         raise fail(f"{where}.experts holds {found}, not the stacked gate_up_proj [E, 2I, H] and down_proj [E, H, I]")
     n_experts, hidden, _ = down
-    router = next(
-        (name for name in ROUTERS if name in children and _own_parameters(children[name]).get("weight") == (n_experts, hidden)),
-        None,
-    )
+    weights = {name: _router_weight(children[name], n_experts, hidden) for name in ROUTERS if name in children}
+    router = next((name for name, weight in weights.items() if weight), None)
+    router_weight = weights.get(router)
     if router is None:
         raise fail(f"{where} has no router ({', '.join(ROUTERS)}) with a weight [{n_experts}, {hidden}]")
-    router_extra = sorted(set(_own_parameters(children[router])) - {"weight"}) + _with_parameters(children[router], set())
-    if router_extra:
-        raise fail(f"{where}.{router}.{router_extra[0]} is a part of the router the pattern does not place")
+    router_tensors = []
+    for name, shape in _tensor_shapes(children[router]).items():
+        if name == router_weight:
+            continue
+        if not _per_expert(shape, n_experts):
+            raise fail(f"{where}.{router}.{name} {list(shape)} is a part of the router the pattern does not place")
+        router_tensors.append(f"{router}.{name}")  # a score-correction bias: one entry per expert
+    block_tensors = {**_own_parameters(mlp), **{name: tuple(b.shape) for name, b in mlp.named_buffers(recurse=False)}}
+    router_tensors += [name for name, shape in block_tensors.items() if _per_expert(shape, n_experts)]
     shared = next((name for name in SHARED_EXPERTS if name in children), None)
     shared_mlp = _mlp_names(children[shared], f"{where}.{shared}", fail) if shared else MLPNames()
     gates = [name for name, child in _linears(mlp).items() if name.endswith("_gate") and child.out_features == 1]
     placed = {"experts", router, *([shared] if shared else []), *gates}
-    extra = sorted(set(_with_parameters(mlp, placed)) | set(_own_parameters(mlp)))
+    extra = sorted(set(_with_parameters(mlp, placed)) | (set(_own_parameters(mlp)) - set(router_tensors)))
     if extra:
         raise fail(f"{where}.{extra[0]} is a part of the mixture of experts the pattern does not place")
-    return ExpertNames(module=module, router=router, shared=shared, shared_mlp=shared_mlp)
+    return ExpertNames(
+        module=module,
+        router=router,
+        router_weight=router_weight,
+        router_tensors=tuple(router_tensors),
+        shared=shared,
+        shared_mlp=shared_mlp,
+    )
+
+
+def _router_weight(router: nn.Module, n_experts: int, hidden: int) -> str | None:
+    """Where a router keeps its weight ``[E, H]``: its own ``weight``, or that of a linear child (Hunyuan's ``wg``)."""
+    if _own_parameters(router).get("weight") == (n_experts, hidden):
+        return "weight"
+    linears = [name for name, child in _linears(router).items() if _own_parameters(child) == {"weight": (n_experts, hidden)}]
+    return f"{linears[0]}.weight" if len(linears) == 1 else None
+
+
+def _tensor_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every parameter and buffer under ``module`` by its path, with its shape (masks aside)."""
+    shapes = {}
+    for path, sub in module.named_modules():
+        if "parametrizations" in path.split("."):
+            continue
+        own = {**_own_parameters(sub), **{name: tuple(b.shape) for name, b in sub.named_buffers(recurse=False)}}
+        shapes.update({f"{path}.{name}" if path else name: shape for name, shape in own.items()})
+    return shapes
+
+
+def _per_expert(shape: tuple[int, ...], n_experts: int) -> bool:
+    """A tensor holding one entry per expert, ``[E]`` or ``[1, E]``."""
+    return shape in ((n_experts,), (1, n_experts))
 
 
 def _layer(layer: nn.Module, index: int, fail) -> tuple[AttentionNames, MLPNames | None, ExpertNames | None]:
@@ -231,7 +268,7 @@ def _layer(layer: nn.Module, index: int, fail) -> tuple[AttentionNames, MLPNames
 
 def derive_declaration(model: PreTrainedModel) -> DecoderDeclaration:
     """The declaration of a model's decoder layers, read off its modules, or one line saying what is missing."""
-    model_type = getattr(model.config, "model_type", type(model).__name__)
+    model_type = model_family(model)  # a compacted model is read as its dense family
 
     def fail(what: str) -> UnsupportedArchitectureError:
         return _refuse(model_type, what)
@@ -247,7 +284,13 @@ def derive_declaration(model: PreTrainedModel) -> DecoderDeclaration:
         raise fail(f"it keeps no decoder layers at {LAYERS} (it holds {children})") from None
     if not isinstance(layers, nn.ModuleList) or not len(layers):
         raise fail(f"{LAYERS} is not a list of decoder layers")
-    read = [_layer(layer, index, fail) for index, layer in enumerate(layers)]
+    try:
+        read = [_layer(layer, index, fail) for index, layer in enumerate(layers)]
+    except UnsupportedArchitectureError as refusal:
+        mixers = _hybrid_mixers(layers)
+        if not mixers:
+            raise
+        return _mlps_only(layers, mixers, fail) or _raise(refusal)
     attention = {names[0] for names in read}
     if len(attention) != 1:
         raise fail(f"its layers place attention differently ({' vs '.join(sorted(str(a) for a in attention))})")
@@ -258,8 +301,58 @@ def derive_declaration(model: PreTrainedModel) -> DecoderDeclaration:
     return DecoderDeclaration(attention.pop(), dense.pop() if dense else MLPNames(), experts.pop() if experts else None, LAYERS)
 
 
+def _raise(error: Exception):
+    raise error
+
+
+def _hybrid_mixers(layers: nn.ModuleList) -> list[str]:
+    """The token mixers other than softmax attention a hybrid's layers hold (``linear_attn``, ``mamba``), if any.
+
+    A child with parameters that is neither a norm (one weight of the hidden width), the attention nor the MLP
+    module is a mixer; a layer without an attention module has one by construction.
+    """
+    mixers = {}
+    for layer in layers:
+        children = dict(layer.named_children())
+        placed = {name for name in (*ATTENTION_MODULES, *MLP_MODULES) if name in children}
+        for name in _with_parameters(layer, placed):
+            if any(p.dim() > 1 for p in children[name].parameters()):
+                mixers[name] = True
+    return list(mixers)
+
+
+def _mlps_only(layers: nn.ModuleList, mixers: list[str], fail) -> DecoderDeclaration | None:
+    """A hybrid's declaration pruned in part: its MLPs and experts, its mixers and attention left whole (or
+    ``None`` when a layer has no MLP the pattern reads)."""
+    read = []
+    for index, layer in enumerate(layers):
+        where = f"{LAYERS}.{index}"
+        children = dict(layer.named_children())
+        module = next((name for name in MLP_MODULES if name in children), None)
+        if module is None:
+            return None
+        mlp = children[module]
+        try:
+            if "experts" in dict(mlp.named_children()):
+                read.append((None, _experts(mlp, module, f"{where}.{module}", fail)))
+            else:
+                dense = _mlp_names(mlp, f"{where}.{module}", fail)
+                read.append((MLPNames(module=module, gate=dense.gate, up=dense.up, down=dense.down, gate_up=dense.gate_up), None))
+        except UnsupportedArchitectureError:
+            return None
+    dense = {names[0] for names in read if names[0] is not None}
+    experts = {names[1] for names in read if names[1] is not None}
+    if len(dense) > 1 or len(experts) > 1:
+        return None
+    why = f"its token mixers ({', '.join(mixers)}) and attention are kept whole; its MLPs and experts are pruned"
+    return DecoderDeclaration(None, dense.pop() if dense else MLPNames(), experts.pop() if experts else None, LAYERS, why)
+
+
 def _describe(declaration: DecoderDeclaration) -> str:
     a, m, e = declaration.attention, declaration.mlp, declaration.experts
+    if a is None:
+        mlp = "routed experts" if e is not None else f"{m.gate_up or '/'.join(n for n in (m.gate, m.up) if n)}/{m.down}"
+        return f"pruned in part ({mlp}): {declaration.partial}"
     attention = a.qkv if a.qkv else "/".join((a.q, a.k, a.v))
     norms = f", {'/'.join(a.projection_norms)} over the projections" if a.projection_norms else ""
     mlp = "routed experts" + (f" + {e.shared}" if e.shared else "") if e is not None else ""
@@ -270,6 +363,6 @@ def _describe(declaration: DecoderDeclaration) -> str:
 
 def derived_adapter(model: PreTrainedModel) -> ArchitectureAdapter:
     """The adapter of a family no plugin declares, from its derived declaration (refused in one line if none)."""
-    model_type = getattr(model.config, "model_type", type(model).__name__)
+    model_type = model_family(model)  # a compacted model is read as its dense family
     declaration = derive_declaration(model)
     return decoder_adapter(model_type, f"derived from its modules: {_describe(declaration)}", (model_type,), declaration, True)

@@ -85,7 +85,12 @@ class ExpertNames:
     """Where a family keeps its routed experts (transformers 5 stacks them in 3-D tensors).
 
     ``experts`` holds ``gate_up`` ``[E, 2I, H]`` and ``down`` ``[E, H, I]``; ``router`` has a weight
-    ``[E, H]``; ``shared`` names an always-on shared expert MLP (Qwen2-MoE), if the family has one, whose
+    ``[E, H]`` (at ``router_weight`` inside it: Hunyuan's router keeps it in a linear ``wg``);
+    ``router_tensors`` are the other tensors that hold one entry per expert, paths relative to ``module``
+    (GLM-4.5's ``gate.e_score_correction_bias`` ``[E]``, ERNIE 4.5's ``gate.moe_statics.e_score_correction_bias``
+    ``[1, E]``, MiniMax-M2's ``e_score_correction_bias`` on the block itself): an expert owns its entry of each
+    as it owns its router row, so a compacted router keeps the entries of the live experts only. ``shared`` names
+    an always-on shared expert MLP (Qwen2-MoE), if the family has one, whose
     projections ``shared_mlp`` names. ``dense_layers_field`` and ``sparse_step_field`` name the config
     fields by which a family places its experts by layer index (Qwen-MoE's ``mlp_only_layers`` and
     ``decoder_sparse_step``): compaction rewrites them when whole layers are removed.
@@ -96,6 +101,8 @@ class ExpertNames:
     gate_up: str = "gate_up_proj"
     down: str = "down_proj"
     router: str = "gate"
+    router_weight: str = "weight"
+    router_tensors: tuple[str, ...] = ()
     shared: str | None = None
     shared_mlp: MLPNames = MLPNames()
     dense_layers_field: str | None = None
@@ -116,20 +123,27 @@ class DecoderDeclaration:
 
     With ``experts`` set, a layer whose MLP holds routed experts gets expert channels (and shared-expert
     channels) instead of dense MLP channels; other layers of the same model stay dense.
+
+    ``attention=None`` declares a model pruned in part (a hybrid such as Qwen3-Next, Jamba, Bamba): only its
+    MLPs and experts are structures; its token mixers (linear attention, state-space layers, attention) stay
+    whole, and so do its layers and hidden dimension, which the mixers also read and write. ``partial`` says
+    why, for the record.
     """
 
-    attention: AttentionNames = AttentionNames()
+    attention: AttentionNames | None = AttentionNames()
     mlp: MLPNames = MLPNames()
     experts: ExpertNames | None = None
     layers: str = "model.layers"
+    partial: str | None = None
 
     @property
     def projections(self) -> tuple[str, ...]:
         """The leaf names of every linear projection the declaration names (LoRA recovery adapts these)."""
         a = self.attention
-        attention = (a.qkv,) if a.qkv is not None else (a.q, a.k, a.v)
+        attention = () if a is None else (a.qkv,) if a.qkv is not None else (a.q, a.k, a.v)
+        output = () if a is None else (a.o,)
         shared = self.experts.shared_mlp.projections if self.experts is not None and self.experts.shared else ()
-        return tuple(dict.fromkeys((*attention, a.o, *self.mlp.projections, *shared)))
+        return tuple(dict.fromkeys((*attention, *output, *self.mlp.projections, *shared)))
 
 
 @dataclass(frozen=True)
@@ -157,6 +171,10 @@ def _tensor(layer: nn.Module, path: str):
     return dense_tensor(layer.get_submodule(module_path), name)
 
 
+def _is_buffer(layer: nn.Module, path: str) -> bool:
+    return not isinstance(_tensor(layer, path), nn.Parameter)
+
+
 def _make_kind(
     layer: nn.Module,
     name: str,
@@ -169,6 +187,8 @@ def _make_kind(
     """A kind whose parameter counts come from the shapes of the real tensors its slices cut."""
 
     def params(tensor_slice: TensorSlice) -> int:
+        if _is_buffer(layer, tensor_slice.path):  # a router's per-expert buffer is state, not a parameter
+            return 0
         return tensor_slice.params_per_unit(_tensor(layer, tensor_slice.path).shape)
 
     deps = tuple(DependentSlice(s, readers, params(s)) for s, readers in dependents)
@@ -234,8 +254,19 @@ def expert_kind(layer: nn.Module, names: ExpertNames) -> StructureKind:
         TensorSlice(down, 2, 1, 0, n_experts),
     ]
     readers = tuple(tuple(range(e * per_expert, (e + 1) * per_expert)) for e in range(n_experts))
-    router_rows = TensorSlice(f"{router}.weight", 0, 1)
-    return _make_kind(layer, EXPERT_CHANNEL, "expert_mlp", n_experts * per_expert, owned, [(router_rows, readers)], router)
+    per_expert_tensors = [(TensorSlice(f"{router}.{names.router_weight}", 0, 1), readers)]  # the router rows come first
+    for name in names.router_tensors:
+        path = f"{names.module}.{name}"
+        per_expert_tensors.append((TensorSlice(path, expert_axis(path, _tensor(layer, path).shape, n_experts), 1), readers))
+    return _make_kind(layer, EXPERT_CHANNEL, "expert_mlp", n_experts * per_expert, owned, per_expert_tensors, router)
+
+
+def expert_axis(path: str, shape: tuple[int, ...], n_experts: int) -> int:
+    """The axis of a per-expert router tensor that runs over the experts (``[E]`` or ``[1, E]``)."""
+    axes = [axis for axis, size in enumerate(shape) if size == n_experts]
+    if len(axes) != 1 or any(size != 1 for axis, size in enumerate(shape) if axis != axes[0]):
+        raise ValueError(f"{path} {list(shape)} does not hold one entry per expert ({n_experts})")
+    return axes[0]
 
 
 def _mlp_kinds(layer: nn.Module, declaration: DecoderDeclaration) -> dict[str, StructureKind]:
@@ -279,10 +310,14 @@ def whole_layer_kind(layer: nn.Module, kinds: dict[str, StructureKind]) -> Struc
 def decoder_anatomy(model: nn.Module, declaration: DecoderDeclaration, adapter_name: str) -> ModelAnatomy:
     """The anatomy of every decoder layer, read off the model's real module shapes."""
     layers = []
+    partial = declaration.attention is None  # mixers stay whole: no layer is the identity with its MLP zeroed
     for index, layer in enumerate(model.get_submodule(declaration.layers)):
-        kinds = {ATTN_HEAD: attention_kind(layer, declaration.attention), **_mlp_kinds(layer, declaration)}
+        attention = {} if partial else {ATTN_HEAD: attention_kind(layer, declaration.attention)}
+        kinds = {**attention, **_mlp_kinds(layer, declaration)}
         total = sum(p.numel() for p in layer.parameters())
         owned = sum(kind.dense_params for kind in kinds.values())
-        layers.append(LayerAnatomy(index, f"{declaration.layers}.{index}", kinds, total - owned, whole_layer_kind(layer, kinds)))
+        whole = None if partial else whole_layer_kind(layer, kinds)
+        layers.append(LayerAnatomy(index, f"{declaration.layers}.{index}", kinds, total - owned, whole))
     kind_names = tuple(dict.fromkeys(name for layer in layers for name in layer.kinds))
-    return ModelAnatomy(adapter_name, tuple(layers), kind_names, hidden_dimension(model, tuple(layers)))
+    hidden = None if partial else hidden_dimension(model, tuple(layers))
+    return ModelAnatomy(adapter_name, tuple(layers), kind_names, hidden)

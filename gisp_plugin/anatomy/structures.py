@@ -117,8 +117,9 @@ class StructureKind:
     ``block`` names the block type used for block-wise normalisation (``"attention"``, ``"mlp"``).
     ``owned`` are the slices each unit owns outright (scored and masked with the unit);
     ``dependents`` are slices shared by several units (masked when all their readers are gone).
-    ``router`` names a router module (relative to the layer) whose weight rows are one of the
-    dependents: a mixture-of-experts layer whose expert lost every channel never routes to it again.
+    ``router`` names a router module (relative to the layer) whose weight rows are the first of the
+    dependents: a mixture-of-experts layer whose expert lost every channel never routes to it again. The
+    dependents after them are the router's other per-expert tensors (a score-correction bias), if any.
     """
 
     name: str
@@ -134,7 +135,12 @@ class StructureKind:
         """The dependent router rows (one per expert), if this kind lives inside routed experts."""
         if self.router is None:
             return None
-        return next(dep for dep in self.dependents if dep.slice.path == f"{self.router}.weight")
+        return self.dependents[0]
+
+    @property
+    def router_tensors(self) -> tuple[DependentSlice, ...]:
+        """Every per-expert tensor of the router (its weight rows first), one entry per expert each."""
+        return self.dependents if self.router is not None else ()
 
     def params_kept(self, keep: torch.Tensor) -> int:
         """Parameters this kind still holds when only the units flagged in ``keep`` remain."""

@@ -23,6 +23,7 @@ from gisp_plugin.compaction.hidden import compact_hidden, without_hidden
 from gisp_plugin.compaction.modeling_gisp_pruned import pruned_classes
 from gisp_plugin.compaction.slicing import Cut, cut_stacked, cut_tensor, gathered_rows
 from gisp_plugin.masking.masked_model import check_no_bias_in_removed_layers
+from gisp_plugin.masking.routing import router_attributes
 from gisp_plugin.masking.sparsifier import dense_tensor
 
 REMOTE_MODULE = "modeling_gisp_pruned"
@@ -72,12 +73,16 @@ def _heads(kind: StructureKind, flags: torch.Tensor) -> tuple[int, int, bool]:
     return n_heads, len(alive), len(set(alive)) <= 1
 
 
-def _attention(layer: LayerAnatomy, keep: KeepMask, cuts: dict[str, list[Cut]], names) -> tuple[dict, dict[str, list[int]]]:
+def _attention(
+    layer: LayerAnatomy, keep: KeepMask, cuts: dict[str, list[Cut]], names
+) -> tuple[dict | None, dict[str, list[int]]]:
     """The attention spec (head counts the family reads at run time) and the rows to repeat, by module.
 
     Under uneven groups each query head gets its own copy of its key/value head (``gathered_rows``).
     """
-    kind = next(kind for kind in layer.kinds.values() if kind.block == "attention")
+    kind = next((kind for kind in layer.kinds.values() if kind.block == "attention"), None)
+    if kind is None:  # a model pruned in its MLPs only: the attention (or other mixer) is the family's, whole
+        return None, {}
     flags = keep[layer.index, kind.name]
     n_heads, n_kv, even = _heads(kind, flags)
     gathers: dict[str, list[int]] = {}
@@ -123,21 +128,32 @@ def _experts(
                 state[f"{experts_path}.{j}.{tensor_name}.weight"] = piece
             if path == down:
                 widths = [piece.shape[1] for piece in pieces]
-        router = layer_module.get_submodule(kind.router)
         hidden = state[rows.slice.path].shape[1]
         modules[experts_path] = {"type": "ragged_experts", "hidden_size": hidden, "widths": widths}
-        modules[kind.router] = {
-            "type": "parameters",
-            "shapes": {rows.slice.tensor_name: [len(live), hidden]},
-            "attributes": _router_attributes(router, len(live)),
-        }
+        modules.update(_router_specs(layer_module, kind, cuts, state, len(live)))
     return modules
 
 
-def _router_attributes(router: nn.Module, live: int) -> dict[str, int]:
-    """The router's expert count and top-k (those of the two it has) for ``live`` remaining experts."""
-    attributes = {"num_experts": live, "top_k": min(getattr(router, "top_k", live), live)}
-    return {name: value for name, value in attributes.items() if hasattr(router, name)}
+def _router_specs(
+    layer_module: nn.Module, kind: StructureKind, cuts: dict[str, list[Cut]], state: dict, live: int
+) -> dict[str, dict]:
+    """The router (and a module around it holding per-expert tensors) with one entry per live expert.
+
+    Each module's parameters and buffers shrink to the cut shapes; the router's expert count and top-k
+    follow the live experts, and a router left without any routes no token (``no_experts``).
+    """
+    modules: dict[str, dict] = {}
+    for dep in kind.router_tensors:
+        path = dep.slice.path
+        state[path] = cut_tensor(state[path], cuts.pop(path))
+        owner = layer_module.get_submodule(dep.slice.module_path)
+        spec = modules.setdefault(dep.slice.module_path, {"type": "parameters", "shapes": {}, "buffers": {}, "attributes": {}})
+        group = "shapes" if isinstance(dense_tensor(owner, dep.slice.tensor_name), nn.Parameter) else "buffers"
+        spec[group][dep.slice.tensor_name] = list(state[path].shape)
+    router = modules.setdefault(kind.router, {"type": "parameters", "shapes": {}, "buffers": {}, "attributes": {}})
+    router["attributes"] = router_attributes(layer_module.get_submodule(kind.router), live)
+    router["no_experts"] = live == 0
+    return modules
 
 
 def compact_layer(
@@ -164,9 +180,9 @@ def compact_layer(
         bias = bias.detach().to(device=weight.device, dtype=weight.dtype)
         state[f"{module_path}.bias"] = bias.clone() if dense_bias is None else dense_bias + bias
 
-    norms = {f"{declaration.attention.module}.{norm}" for norm in declaration.attention.projection_norms or ()}
-    if norms and gathers:
-        raise ValueError(f"{layer.prefix}: uneven key/value groups under a norm over the whole key projection are not supported")
+    names = declaration.attention
+    norms = {f"{names.module}.{norm}" for norm in names.projection_norms or ()} if names is not None else set()
+    norm_gathers = _gathers_after_norms(layer, names, gathers) if norms and gathers else {}
     for module_path in sorted({path.rsplit(".", 1)[0] for path in cuts} | set(extra)):
         if module_path in modules:
             continue
@@ -177,6 +193,7 @@ def compact_layer(
                 "features": state[f"{module_path}.weight"].shape[0],
                 "dense_features": dense_tensor(module, "weight").shape[0],
                 "eps": getattr(module, "variance_epsilon", getattr(module, "eps", None)),
+                "gather": norm_gathers.get(module_path),
             }
             continue
         if not isinstance(module, nn.Linear):
@@ -191,6 +208,21 @@ def compact_layer(
         }
     spec = {"modules": modules, "attention": attention}
     return spec, {key: value.detach().clone() for key, value in state.items()}
+
+
+def _gathers_after_norms(layer: LayerAnatomy, names, gathers: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Under uneven groups, the key rows are repeated after the norm over the whole key projection, not before.
+
+    OLMo 2's ``k_norm`` divides by the root mean square of the whole key projection: over the repeated rows it
+    would count a key/value head once per query head reading it. The compacted ``k_proj`` keeps each surviving
+    key/value head once, and its norm (``ProjectionRMSNorm``, with the dense width as divisor) repeats the
+    normalised rows, so it computes what the masked norm does over the zeroed heads. ``gathers`` loses the key
+    projection's entry; the result names the norm's.
+    """
+    if names.qkv is not None:
+        raise ValueError(f"{layer.prefix}: uneven key/value groups under a norm over a fused {names.qkv} are not supported")
+    key = f"{names.module}.{names.k}"
+    return {f"{names.module}.{names.projection_norms[1]}": gathers.pop(key)}
 
 
 def config_without_layers(config, kept: list[int], declaration: DecoderDeclaration | None = None) -> dict:

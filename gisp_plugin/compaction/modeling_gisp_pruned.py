@@ -9,11 +9,14 @@ soft-capping and scaling untouched) whose projections are resized layer by layer
 - ``modules``: every resized module (relative to the decoder layer): a ``linear`` layer with its new
   shape, where ``gather`` lists output rows to repeat so that under uneven grouped-query attention each
   query head gets its own copy of the key/value head it reads (the family's ``repeat_kv`` needs equal
-  groups); ``projection_norm``, a norm over a whole projection that keeps its dense divisor (OLMoE);
+  groups); ``projection_norm``, a norm over a whole projection that keeps its dense divisor (OLMoE), and
+  under uneven groups repeats the key rows after normalising (``gather``);
   ``ragged_experts``, the live routed experts each with its own width; ``parameters``, a
-  module (a router) whose parameters shrink and whose attributes (``top_k``) change;
+  module (a router) whose parameters and buffers (a score-correction bias) shrink and whose attributes
+  (``top_k``) change, or that routes no token (``no_experts``: every expert gone);
 - ``attention``: the head counts the family's attention reads at run time. A layer without query heads
-  only keeps the key/value cache in step and adds its output bias, if any.
+  only keeps the key/value cache in step and adds its output bias, if any. ``None`` in a model pruned in
+  its MLPs only (a hybrid's mixers stay whole).
 
 The classes are made on first use for any family transformers knows, named after its config class:
 ``GispPrunedQwen2Config`` and ``GispPrunedQwen2ForCausalLM``, ``GispPrunedGemma3TextConfig`` and
@@ -80,24 +83,42 @@ def _no_heads_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     return output(hidden_states.new_zeros(batch, seq, 0)), None
 
 
+def _no_experts_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    """Router of a layer that lost every routed expert: every logit ``-inf``, no expert picked (a shared expert,
+    if any, still runs); the family's own rule might not run over zero experts (Phi-MoE's sparse mixer)."""
+    tokens = hidden_states.reshape(-1, hidden_states.shape[-1]).shape[0]
+    logits = hidden_states.new_full((tokens, 0), float("-inf"), dtype=torch.float32)
+    picked = hidden_states.new_zeros((tokens, 0))
+    return logits, picked, picked.long()
+
+
 class ProjectionRMSNorm(nn.Module):
-    """An RMS norm over a whole query or key projection (OLMoE) that lost some heads' features.
+    """An RMS norm over a whole query or key projection (OLMoE, OLMo 2) that lost some heads' features.
 
     It divides by the dense projection's width, as the masked model's norm does over its zeroed
-    features, so the compacted model computes the same thing.
+    features, so the compacted model computes the same thing. Under uneven key/value groups, ``gather``
+    repeats its output rows (each query head its own copy of the key head it reads) after normalising, so
+    the mean is taken over each surviving key head once, as in the masked model.
     """
 
-    def __init__(self, features: int, dense_features: int, eps: float):
+    def __init__(self, features: int, dense_features: int, eps: float, gather: list[int] | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(features))
         self.dense_features = dense_features
         self.variance_epsilon = eps
+        self.gather = None if gather is None else list(gather)
+        self._index: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).sum(-1, keepdim=True) / self.dense_features
-        return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).to(dtype)
+        out = self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon)).to(dtype)
+        if self.gather is None:
+            return out
+        if out.device not in self._index:
+            self._index[out.device] = torch.tensor(self.gather, dtype=torch.long, device=out.device)
+        return out.index_select(-1, self._index[out.device])
 
 
 class ExpertMLP(nn.Module):
@@ -143,7 +164,8 @@ def _resized(layer: nn.Module, path: str, spec: dict) -> None:
             module = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"])
         layer.set_submodule(path, module)
     elif spec["type"] == "projection_norm":
-        layer.set_submodule(path, ProjectionRMSNorm(spec["features"], spec["dense_features"], spec["eps"]))
+        norm = ProjectionRMSNorm(spec["features"], spec["dense_features"], spec["eps"], spec.get("gather"))
+        layer.set_submodule(path, norm)
     elif spec["type"] == "ragged_experts":
         act_fn = layer.get_submodule(path).act_fn
         layer.set_submodule(path, RaggedExperts(spec["hidden_size"], spec["widths"], act_fn))
@@ -151,8 +173,12 @@ def _resized(layer: nn.Module, path: str, spec: dict) -> None:
         module = layer.get_submodule(path)
         for name, shape in spec["shapes"].items():
             setattr(module, name, nn.Parameter(torch.empty(shape)))
+        for name, shape in spec.get("buffers", {}).items():
+            module.register_buffer(name, torch.empty(shape), persistent=name not in module._non_persistent_buffers_set)
         for name, value in spec["attributes"].items():
             setattr(module, name, value)
+        if spec.get("no_experts"):
+            module.forward = types.MethodType(_no_experts_forward, module)
     else:
         raise ValueError(f"unknown pruned module type {spec['type']!r} at {path}")
 
@@ -165,6 +191,8 @@ def install_pruned_layers(model: nn.Module, config) -> None:
             for path, module_spec in spec["modules"].items():
                 _resized(layer, path, module_spec)
             attention = spec["attention"]
+            if attention is None:  # pruned in its MLPs only: the layer's mixer is the family's, whole
+                continue
             attn = layer.get_submodule(attention["module"])
             heads = {key: attention[key] for key in ("num_key_value_heads", "num_key_value_groups")}
             for key, value in heads.items():
@@ -199,6 +227,13 @@ class _PrunedModelMixin:
     def __init__(self, config):
         super().__init__(config)
         install_pruned_layers(self, config)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: the family's own ``_init_weights`` (transformers' guarded init functions, which leave loaded
+        tensors alone) runs on load. As custom code, a module whose own tensors all loaded would be skipped, and
+        a buffer a parent module computes would stay unset (Falcon-H1's ``mup_vector``, set by the model's init)."""
+        return False
 
 
 _CLASSES: dict[str, tuple[type, type]] = {}

@@ -64,9 +64,10 @@ class AttentionTensors:
 
 @dataclass
 class MLPTensors:
-    """One layer's gated MLP as plain tensors: ``gate``/``up`` ``[F, H]``, ``down`` ``[H, F]``."""
+    """One layer's MLP as plain tensors: ``gate``/``up`` ``[F, H]``, ``down`` ``[H, F]``; ``gate`` is ``None`` for a
+    plain (non-gated) MLP (StarCoder2, Nemotron)."""
 
-    gate: torch.Tensor
+    gate: torch.Tensor | None
     up: torch.Tensor
     down: torch.Tensor
     gate_bias: torch.Tensor | None = None
@@ -80,7 +81,7 @@ class MLPTensors:
 
 @dataclass
 class EngineLayer:
-    """A decoder layer's attention and MLP tensors plus every other parameter (norms) by its path in the layer."""
+    """A decoder layer's attention and MLP tensors plus every other tensor (norms) by its path in the layer."""
 
     attention: AttentionTensors
     mlp: MLPTensors
@@ -143,7 +144,7 @@ def read_attention(layer: nn.Module, names: AttentionNames) -> AttentionTensors:
 
 
 def read_mlp(layer: nn.Module, names: MLPNames) -> MLPTensors:
-    """The gated MLP of one layer (separate or fused gate/up projections)."""
+    """The MLP of one layer (separate or fused gate/up projections, or a plain up/down one)."""
     mlp = layer.get_submodule(names.module)
     down = mlp.get_submodule(names.down)
     if names.gate_up is not None:
@@ -151,9 +152,11 @@ def read_mlp(layer: nn.Module, names: MLPNames) -> MLPTensors:
         gate, up = fused.weight.detach().chunk(2)
         gate_bias, up_bias = (None, None) if fused.bias is None else fused.bias.detach().chunk(2)
     else:
-        gate_linear, up_linear = mlp.get_submodule(names.gate), mlp.get_submodule(names.up)
-        gate, up = gate_linear.weight.detach(), up_linear.weight.detach()
-        gate_bias = None if gate_linear.bias is None else gate_linear.bias.detach()
+        gate_linear = None if names.gate is None else mlp.get_submodule(names.gate)
+        up_linear = mlp.get_submodule(names.up)
+        gate = None if gate_linear is None else gate_linear.weight.detach()
+        up = up_linear.weight.detach()
+        gate_bias = None if gate_linear is None or gate_linear.bias is None else gate_linear.bias.detach()
         up_bias = None if up_linear.bias is None else up_linear.bias.detach()
     return MLPTensors(gate, up, down.weight.detach(), gate_bias, up_bias, None if down.bias is None else down.bias.detach())
 
@@ -167,7 +170,8 @@ def read_layer(layer: nn.Module, declaration: DecoderDeclaration) -> EngineLayer
     dense_mlp = read_mlp(layer, declaration.mlp)
     consumed = {f"{declaration.attention.module}.{n}" for n in _attention_modules(declaration.attention)}
     consumed |= {f"{declaration.mlp.module}.{n}" for n in _mlp_modules(declaration.mlp)}
-    others = {name: param.detach() for name, param in layer.named_parameters() if name.rsplit(".", 1)[0] not in consumed}
+    # parameters and persistent buffers (Apertus's xIELU keeps its beta as one) outside the projections
+    others = {name: tensor.detach() for name, tensor in layer.state_dict().items() if name.rsplit(".", 1)[0] not in consumed}
     return EngineLayer(attention, dense_mlp, others)
 
 
@@ -176,7 +180,7 @@ def _attention_modules(names: AttentionNames) -> tuple[str, ...]:
 
 
 def _mlp_modules(names: MLPNames) -> tuple[str, ...]:
-    return (names.gate_up, names.down) if names.gate_up is not None else (names.gate, names.up, names.down)
+    return names.projections
 
 
 def _zero_rows(tensor: torch.Tensor | None, rows: int) -> torch.Tensor | None:

@@ -18,10 +18,12 @@ per layer).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -111,12 +113,49 @@ def _layer_state(layer: EngineLayer, declaration: DecoderDeclaration) -> dict[st
         bias = None if mlp.gate_bias is None or mlp.up_bias is None else torch.cat([mlp.gate_bias, mlp.up_bias])
         projections[f"{m.module}.{m.gate_up}"] = (torch.cat([mlp.gate, mlp.up]), bias)
     else:
-        projections.update({f"{m.module}.{m.gate}": (mlp.gate, mlp.gate_bias), f"{m.module}.{m.up}": (mlp.up, mlp.up_bias)})
+        projections[f"{m.module}.{m.up}"] = (mlp.up, mlp.up_bias)
+        if m.gate is not None:
+            projections[f"{m.module}.{m.gate}"] = (mlp.gate, mlp.gate_bias)
     for path, (weight, bias) in projections.items():
         state[f"{path}.weight"] = weight
         if bias is not None:
             state[f"{path}.bias"] = bias
     return state
+
+
+def _native_layer(layer: nn.Module, declaration: DecoderDeclaration) -> EngineLayer:
+    """One layer read as plain tensors, its norms over whole q/k projections made exact in the family's own norm.
+
+    A compacted ``ProjectionRMSNorm`` (OLMo 2's) divides by the dense width ``D``; the family's norm by its own
+    width ``n``. Scaling the projection's rows by ``c = sqrt(n / D)`` and the norm's weight by ``1 / c`` gives
+    ``w / c * c x / sqrt(c^2 |x|^2 / n + eps) = w x / sqrt(|x|^2 / D + eps)``: the same output, exactly. A key
+    norm that repeats its rows (uneven groups) is refused before reading.
+    """
+    names = declaration.attention
+    norms = {
+        which: (name, layer.get_submodule(f"{names.module}.{name}"))
+        for which, name in zip(("q", "k"), names.projection_norms or ("", ""), strict=True)
+        if name
+    }
+    for name, norm in norms.values():
+        if getattr(norm, "gather", None) is not None:
+            raise NativeFormError(
+                f"{names.module}.{name} repeats key rows (uneven groups); per-layer shapes need modeling_gisp_pruned.py"
+            )
+    engine = read_layer(layer, declaration)
+    att, others = engine.attention, dict(engine.others)
+    scaled = {}
+    for which, (name, norm) in norms.items():
+        dense = getattr(norm, "dense_features", None)
+        if dense is None:
+            continue
+        rows = getattr(att, which)
+        c = math.sqrt(rows.shape[0] / dense)
+        bias = getattr(att, f"{which}_bias")
+        scaled[which] = rows * c
+        scaled[f"{which}_bias"] = None if bias is None else bias * c
+        others[f"{names.module}.{name}.weight"] = others[f"{names.module}.{name}.weight"] / c
+    return EngineLayer(replace(att, **scaled), engine.mlp, others)
 
 
 def _native_config(model: PreTrainedModel, parts: ModelParts, shape: NativeShape, switches: dict[str, bool]):
@@ -132,9 +171,9 @@ def _native_config(model: PreTrainedModel, parts: ModelParts, shape: NativeShape
     )
     try:
         config = CONFIG_MAPPING[parts.family](**values)
-    except (StrictDataclassError, ValueError) as err:  # e.g. Llama's "hidden size is not a multiple of the heads"
+    except (StrictDataclassError, ValueError) as err:  # fields validated together (Llama: hidden size vs heads)
         reason = str(err).strip().splitlines()[-1].strip()
-        raise NativeFormError(f"the {parts.family} config refuses {shape.n_head} query heads: {reason}") from None
+        raise NativeFormError(f"the {parts.family} config refuses {shape.n_head}/{shape.n_kv} heads: {reason}") from None
     config._attn_implementation = model.config._attn_implementation
     return config
 
@@ -144,8 +183,11 @@ def _build(model: PreTrainedModel, parts: ModelParts, shape: NativeShape, state:
     switches: dict[str, bool] = {}
     for _ in range(len(BIAS_SWITCHES) + 1):
         config = _native_config(model, parts, shape, switches)
-        with torch.device("meta"):
-            native = AutoModelForCausalLM.from_config(config)
+        try:
+            with torch.device("meta"):
+                native = AutoModelForCausalLM.from_config(config)
+        except ValueError as err:  # the family's model refuses the shape (StableLM: hidden size not a multiple of heads)
+            raise NativeFormError(f"the {parts.family} model refuses {shape.n_head}/{shape.n_kv} heads: {err}") from None
         expected = dict(native.state_dict())
         unexpected = sorted(set(state) - set(expected))
         wanted = [s for s in BIAS_SWITCHES if hasattr(config, s) and not getattr(config, s) and unexpected]
@@ -200,8 +242,12 @@ def check_same_outputs(reference: PreTrainedModel, candidate: PreTrainedModel, f
 def to_native(model: PreTrainedModel, pad: bool = False, grouping: str = "pad") -> tuple[PreTrainedModel, list[str]]:
     """The family's own model equal to ``model`` and what was padded (``pad``); ``NativeFormError`` if none is."""
     try:
-        parts = model_parts(model)  # a family derived from its modules is not found again from a compacted model
-        layers = [read_layer(layer, parts.declaration) for layer in parts.layers]
+        parts = model_parts(model)  # a derived family is read again off the compacted model's modules
+        if parts.declaration.attention is None:
+            raise NativeFormError(
+                f"the {parts.family} model is pruned in its MLPs only; per-layer widths need modeling_gisp_pruned.py"
+            )
+        layers = [_native_layer(layer, parts.declaration) for layer in parts.layers]
     except ValueError as err:
         raise NativeFormError(str(err)) from None
     notes: list[str] = []
