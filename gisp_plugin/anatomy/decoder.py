@@ -307,16 +307,31 @@ def whole_layer_kind(layer: nn.Module, kinds: dict[str, StructureKind]) -> Struc
     return StructureKind(WHOLE_LAYER, WHOLE_LAYER, 1, tuple(owned), sum(p.numel() for p in layer.parameters()))
 
 
+def _experts_placed_by_unknown_fields(per_layer_kinds: list[dict], declaration: DecoderDeclaration) -> bool:
+    """Whether some layers hold routed experts and others not, by config fields the declaration does not name.
+
+    Such a family (GLM-4.5's ``first_k_dense_replace``, ERNIE 4.5's ``moe_layer_start_index``) builds each
+    layer from its index: removing a layer would renumber the rest onto the wrong kind, so its layers get no
+    whole-layer structure (layer-removing methods are refused) unless the declaration names the fields
+    (``ExpertNames.dense_layers_field``), which compaction then rewrites.
+    """
+    holds = {EXPERT_CHANNEL in kinds for kinds in per_layer_kinds}
+    return len(holds) > 1 and (declaration.experts is None or declaration.experts.dense_layers_field is None)
+
+
 def decoder_anatomy(model: nn.Module, declaration: DecoderDeclaration, adapter_name: str) -> ModelAnatomy:
     """The anatomy of every decoder layer, read off the model's real module shapes."""
     layers = []
     partial = declaration.attention is None  # mixers stay whole: no layer is the identity with its MLP zeroed
-    for index, layer in enumerate(model.get_submodule(declaration.layers)):
+    modules = model.get_submodule(declaration.layers)
+    per_layer_kinds = [_mlp_kinds(layer, declaration) for layer in modules]
+    removable = not partial and not _experts_placed_by_unknown_fields(per_layer_kinds, declaration)
+    for index, (layer, mlp_kinds) in enumerate(zip(modules, per_layer_kinds, strict=True)):
         attention = {} if partial else {ATTN_HEAD: attention_kind(layer, declaration.attention)}
-        kinds = {**attention, **_mlp_kinds(layer, declaration)}
+        kinds = {**attention, **mlp_kinds}
         total = sum(p.numel() for p in layer.parameters())
         owned = sum(kind.dense_params for kind in kinds.values())
-        whole = None if partial else whole_layer_kind(layer, kinds)
+        whole = whole_layer_kind(layer, kinds) if removable else None
         layers.append(LayerAnatomy(index, f"{declaration.layers}.{index}", kinds, total - owned, whole))
     kind_names = tuple(dict.fromkeys(name for layer in layers for name in layer.kinds))
     hidden = None if partial else hidden_dimension(model, tuple(layers))

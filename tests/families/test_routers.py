@@ -19,6 +19,7 @@ from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.adapters.self_check import self_check
 from gisp_plugin.checkpoint.saving import count_params, save_pruned
 from gisp_plugin.masking.masked_model import MaskedModel
+from gisp_plugin.pruning import run_method
 from tests.tiny import ROUTER_FAMILIES, random_ids, random_keep, record_for, tiny_model
 
 FAMILIES = sorted(ROUTER_FAMILIES)
@@ -121,3 +122,26 @@ def test_a_compacted_router_bias_is_saved_and_reloaded(tmp_path, tokenizer, fami
 
 def kind_alive(anatomy, keep, layer: int) -> torch.Tensor:
     return anatomy.kind(layer, "expert_channel").router_rows.alive(keep[layer, "expert_channel"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layers_are_removable_only_where_renumbering_keeps_every_layer_its_kind(family):
+    """GLM-4.5 (``first_k_dense_replace``) and ERNIE 4.5 (``moe_layer_start_index``) build layer ``i`` dense or with
+    experts by its index: with a layer removed, the family's own model would build the next one as the wrong kind
+    (compaction crashed with an AttributeError). Their layers declare no whole-layer structure, so a method that
+    removes layers is refused in one line; families whose layers all hold experts keep theirs."""
+    model = tiny_model(family)
+    holds = [
+        any(name.endswith("e_score_correction_bias") or ".experts." in name for name, _ in layer.named_parameters())
+        or any(name.endswith("e_score_correction_bias") for name, _ in layer.named_buffers())
+        for layer in model.model.layers
+    ]
+    mixed = len(set(holds)) > 1
+    anatomy = adapter_for(model).anatomy(model)
+    if mixed:
+        with pytest.raises(LookupError, match="layers cannot be removed"):
+            anatomy.whole_layer(0)
+        with pytest.raises(ValueError, match="removes whole layers"):
+            list(run_method(model, None, "shortgpt", [0.3], {}, calibration=None))
+    else:
+        assert anatomy.whole_layer(0).count == 1
