@@ -28,7 +28,7 @@ def test_help(script, capsys):
 def test_quality_config_parses_and_names_the_seven_tasks():
     base = load_base(None)
     assert base.methods[:8] == ["gisp", "wanda_sp", "flap", "llm_pruner", "magnitude", "random", "shortgpt", "owl_sp"]
-    assert base.methods[8:] == ["sleb", "blockpruner", "slimgpt"]
+    assert base.methods[8:] == ["sleb", "blockpruner", "slimgpt", "minitron"]
     assert base.sparsities == [0.2, 0.3, 0.4, 0.5]
     tasks = next(e for e in base.evals if e.startswith("lm_eval:"))
     for task in ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"):
