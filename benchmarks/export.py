@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--groupings", default="auto", help="ways to even uneven key/value groups, each exported and measured (default auto)"
     )
+    p.add_argument(
+        "--pad-to", type=int, default=1, help="round MLP widths up with zero channels, as gisp prune --pad-to (default 1: none)"
+    )
     p.add_argument("--calibration", default="lambada-novels", help="calibration source (default lambada-novels)")
     p.add_argument("--n-samples", type=int, default=16, help="calibration sequences (default 16)")
     p.add_argument("--seqlen", type=int, default=128, help="tokens per calibration and evaluation window (default 128)")
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                 options = METHODS.get(method, {})
                 kwargs = {} if shape == "free" else {"shape": shape}
                 for subnetwork in run_method(model, tokenizer, method, targets, options, calibration=calibration, **kwargs):
-                    compact, params = compact_subnetwork(model, subnetwork)
+                    compact, params = compact_subnetwork(model, subnetwork, args.pad_to)
                     compact, form = saved_form(compact)
                     record = _record(args, method, options, subnetwork, compact, params, form)
                     name = f"{method}-{shape}-s{subnetwork.target:.2f}"
