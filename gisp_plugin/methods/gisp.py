@@ -525,6 +525,16 @@ def cut_exact(anatomy: ModelAnatomy, ranked: Scores, sparsity: float, groups: Gr
     return above[0]
 
 
+def never_revived(cut: KeepMask, previous: KeepMask) -> KeepMask:
+    """``cut`` without the units ``previous`` had pruned: the subnetworks stay nested.
+
+    Already-pruned units rank first (``-1``), but the allocator stops at the prefix whose sparsity is closest
+    to the target; when a step's target is less than half a unit above the last one (many steps on a small
+    model), that prefix can end one entry short of everything already pruned and bring a unit back.
+    """
+    return KeepMask({key: flags & previous.flags[key] if key in previous.flags else flags for key, flags in cut.flags.items()})
+
+
 def cut_to(anatomy: ModelAnatomy, ranked: Scores, sparsity: float, groups: Groups, options: GispOptions) -> KeepMask:
     """The keep mask at ``sparsity``: one global ranking, or one per pool (``rank=separate``); with hidden
     channels ranked, cut at the exact count (``cut_exact``)."""
@@ -678,7 +688,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
             reached = []
             cuts = step_cuts(step, start, schedule.end(step, start, history), job.targets)
             for cut in cuts:
-                keep = cut_to(anatomy, ranked, cut.sparsity, step_groups, options)
+                keep = never_revived(cut_to(anatomy, ranked, cut.sparsity, step_groups, options), keep)
                 info = {
                     "target": cut.target,
                     "scheduled": cut.sparsity,

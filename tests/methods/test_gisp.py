@@ -219,6 +219,18 @@ def test_schedule_hits_every_target_with_nested_subnetworks(family):
     assert sparsities == sorted(sparsities)
 
 
+def test_steps_smaller_than_a_unit_never_bring_a_pruned_unit_back():
+    """60 steps to 0.5 on a tiny Llama: a step's target is then less than half an MLP channel above the last,
+    and the prefix closest to it ended one entry short of everything already pruned (a pruned channel came back:
+    "step 29 keeps a structure pruned at an earlier step"). Every step's subnetwork stays inside the last one."""
+    model = tiny_model("llama")
+    trajectory = Trajectory()
+    subnetworks = list(run_method(model, None, "gisp", [0.2, 0.5], {"steps": "60"}, calibration_set(), trajectory=trajectory))
+    assert [s.target for s in subnetworks] == [0.2, 0.5]
+    steps = [trajectory.keep_at(i) for i in range(len(trajectory.steps))]
+    assert all(later.is_subset_of(earlier) for earlier, later in zip(steps, steps[1:], strict=False))
+
+
 def test_iterative_steps_rescore_on_the_masked_model():
     """Step i's ranking comes from gradients of the model masked at step i - 1; steps=1 cuts one ranking."""
     model = tiny_model("llama", layers=4)
