@@ -48,7 +48,7 @@ from gisp_baselines.obs import halving_groups, obs_prune, unit_columns
 from gisp_baselines.walk import layer_walk
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
 from gisp_plugin.calibration.sequential import LayerStatistics
-from gisp_plugin.importance.uniform import Offsets, keep_groups, singleton_groups
+from gisp_plugin.importance.uniform import Offsets, closest_candidate, keep_groups, singleton_groups
 from gisp_plugin.methods.api import CalibrationDefaults, MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.plugins import hookimpl
 
@@ -98,20 +98,9 @@ def scale_for_target(anatomy: ModelAnatomy, weights: list[float], target: float)
     breaks = sorted({(j + 0.5) / (n * weight) for n, weight in counts for j in range(n)})
     top = 1.0 / min(w for w in weights if w > 0)
     candidates = [0.0] + [(a + b) / 2 for a, b in zip(breaks[:-1], breaks[1:], strict=True)] + [max(top, breaks[-1] + 1.0)]
-
-    def sparsity(index: int) -> float:
-        return anatomy.sparsity(keep_groups(anatomy, groups, first, 0.0, layer_ratios(candidates[index], weights)))
-
-    low, high = 0, len(candidates) - 1
-    while low < high:
-        mid = (low + high) // 2
-        if sparsity(mid) >= target:
-            high = mid
-        else:
-            low = mid + 1
-    if low > 0 and abs(sparsity(low - 1) - target) <= abs(sparsity(low) - target):
-        low -= 1
-    return candidates[low]
+    return closest_candidate(
+        candidates, lambda s: anatomy.sparsity(keep_groups(anatomy, groups, first, 0.0, layer_ratios(s, weights))), target
+    )
 
 
 def prune_layer(

@@ -13,6 +13,8 @@ state the shape admits on a fixed path, and the scores choose the units (``shape
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from gisp_plugin.anatomy.structures import KeepMask, ModelAnatomy
@@ -132,16 +134,21 @@ def ratio_for_target(
     lowest, highest = min(0.0, -max(o for _, o in shifts)), max(1.0, 1.0 - min(o for _, o in shifts))
     candidates = [lowest] + [(a + b) / 2 for a, b in zip(breaks[:-1], breaks[1:], strict=True)] + [highest]
 
-    def sparsity(index: int) -> float:
-        return anatomy.sparsity(keep_groups(anatomy, groups, first, candidates[index], offsets, scores))
+    return closest_candidate(
+        candidates, lambda ratio: anatomy.sparsity(keep_groups(anatomy, groups, first, ratio, offsets, scores)), target
+    )
 
+
+def closest_candidate(candidates: list[float], sparsity: Callable[[float], float], target: float) -> float:
+    """The candidate whose sparsity is closest to ``target`` (the lower one on a tie), for a ``sparsity``
+    non-decreasing over ``candidates``: a bisection for the first reaching the target, then its neighbour."""
     low, high = 0, len(candidates) - 1  # first candidate reaching the target lies in [low, high]
     while low < high:
         mid = (low + high) // 2
-        if sparsity(mid) >= target:
+        if sparsity(candidates[mid]) >= target:
             high = mid
         else:
             low = mid + 1
-    if low > 0 and abs(sparsity(low - 1) - target) <= abs(sparsity(low) - target):
+    if low > 0 and abs(sparsity(candidates[low - 1]) - target) <= abs(sparsity(candidates[low]) - target):
         low -= 1
     return candidates[low]
