@@ -6,6 +6,7 @@ import logging
 import pytest
 
 from gisp_plugin.cli import main
+from tests.gisp_steps import GispSteps
 from tests.tiny import tiny_folder
 
 
@@ -46,24 +47,6 @@ def test_overwrite_replaces_the_folder_whole(model_dir, tmp_path):
     assert run["status"] == "finished" and run["request"]["targets"] == [0.3]
     assert [r["folder"] for r in run["results"]] == [str(out / "magnitude-s0.30")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or replaced folder left beside it
-
-
-class GispSteps(logging.Handler):
-    """The GISP steps a run computes (its ``gisp step k/N`` lines); with ``stop_after``, a Ctrl-C right after
-    that step is computed and its state saved, as a user interrupting the run there would give."""
-
-    def __init__(self, stop_after: int | None = None) -> None:
-        super().__init__(logging.DEBUG)
-        self.stop_after, self.computed, self.resumed = stop_after, [], []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("gisp: resuming from"):
-            self.resumed.append(message)
-        if message.startswith("gisp step "):
-            self.computed.append(int(message.split()[2].split("/")[0]))
-            if self.computed[-1] == self.stop_after:
-                raise KeyboardInterrupt
 
 
 def gisp_run(model_dir, text, out, steps: GispSteps) -> int:

@@ -20,6 +20,7 @@ import pytest
 from gisp_plugin.cli import main
 from gisp_plugin.methods.gisp import STATE_FILE
 from tests.distributed.launch import ROOT, torchrun_command, torchrun_env
+from tests.gisp_steps import GispSteps
 from tests.tiny import tiny_folder
 
 # rank 0's log lines (the other rank's are tagged "[rank 1]"; a progress bar may precede a line)
@@ -47,24 +48,6 @@ def on_two_ranks(dense, out: Path, stop_after: int = 0) -> subprocess.CompletedP
     """``gisp prune`` on 2 gloo ranks; with ``stop_after``, interrupted once that step is computed and saved."""
     command = torchrun_command("-m", "tests.distributed.interrupted_worker", str(stop_after), *prune_args(dense, out))
     return subprocess.run(command, env=torchrun_env(), cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
-
-
-class GispSteps(logging.Handler):
-    """The steps a run in this process computes and its resume line; with ``stop_after``, a Ctrl-C right
-    after that step is computed and saved."""
-
-    def __init__(self, stop_after: int = 0) -> None:
-        super().__init__(logging.DEBUG)
-        self.stop_after, self.computed, self.resumed = stop_after, [], []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith("gisp: resuming from"):
-            self.resumed.append(message)
-        if message.startswith("gisp step "):
-            self.computed.append(int(message.split()[2].split("/")[0]))
-            if self.computed[-1] == self.stop_after:
-                raise KeyboardInterrupt
 
 
 def in_one_process(dense, out: Path, steps: GispSteps) -> int:

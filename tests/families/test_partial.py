@@ -18,6 +18,7 @@ from gisp_plugin.adapters.self_check import SelfCheckError, self_check
 from gisp_plugin.checkpoint.saving import save_pruned
 from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.pruning import check_run, run_method
+from tests.compaction_check import compact_equal_to_masked
 from tests.tiny import random_ids, random_keep, record_for, tiny_model
 
 
@@ -42,15 +43,7 @@ def test_compaction_equals_masking_with_the_mixers_whole(model, seed):
     adapter = adapter_for(model)
     anatomy = adapter.anatomy(model)
     keep = random_keep(anatomy, seed, 0.5, empty_layer=seed, empty_kind="expert_channel", p_expert_out=0.3)
-    ids = random_ids(2, 10, seed)
-    with MaskedModel(model, anatomy) as masked, torch.no_grad():
-        masked.apply(keep)
-        expected = model(ids).logits
-        expected_tokens = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
-    compact = adapter.compact(model, keep)
-    with torch.no_grad():
-        torch.testing.assert_close(compact(ids).logits, expected, rtol=1e-5, atol=1e-5)
-        assert torch.equal(compact.generate(ids[:1], max_new_tokens=4, do_sample=False), expected_tokens)
+    compact_equal_to_masked(model, keep, seed)
 
 
 def test_the_record_says_the_model_was_pruned_in_part(model, tokenizer):

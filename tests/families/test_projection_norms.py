@@ -17,28 +17,10 @@ from gisp_plugin.adapters.self_check import self_check
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.compaction.modeling_gisp_pruned import GatheredLinear
 from gisp_plugin.export.native import saved_form
-from gisp_plugin.masking.masked_model import MaskedModel
-from tests.tiny import random_ids, random_keep, tiny_model
+from tests.compaction_check import compact_equal_to_masked
+from tests.tiny import random_keep, tiny_model
 
 GQA = {"num_key_value_heads": 2}  # 6 query heads over 2 key/value heads, as OLMo-2-0325-32B groups 40 over 8
-
-
-def _equal_to_masked(model, keep: KeepMask, seed: int = 0):
-    adapter = adapter_for(model)
-    anatomy = adapter.anatomy(model)
-    ids = random_ids(2, 10, seed)
-    with MaskedModel(model, anatomy) as masked, torch.no_grad():
-        masked.apply(keep)
-        expected = model(ids).logits
-        expected_tokens = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
-    compact = adapter.compact(model, keep)
-    with torch.no_grad():
-        torch.testing.assert_close(compact(ids).logits, expected, rtol=1e-5, atol=1e-5)
-        prefix = compact(ids[:, :-1], use_cache=True)
-        step = compact(ids[:, -1:], cache=prefix.cache).logits[:, -1]
-        torch.testing.assert_close(step, expected[:, -1], rtol=1e-5, atol=1e-5)
-        assert torch.equal(compact.generate(ids[:1], max_new_tokens=5, do_sample=False), expected_tokens)
-    return compact
 
 
 def test_uneven_groups_under_a_whole_projection_key_norm_equal_masking():
@@ -50,7 +32,7 @@ def test_uneven_groups_under_a_whole_projection_key_norm_equal_masking():
         flags = torch.zeros(6, dtype=torch.bool)
         flags[[0, 1, 3] if layer != 1 else [5]] = True
         keep[layer, "attn_head"] = flags
-    compact = _equal_to_masked(model, keep)
+    compact = compact_equal_to_masked(model, keep)
     attn = compact.model.layers[0].self_attn
     assert not isinstance(attn.k_proj, GatheredLinear) and isinstance(attn.v_proj, GatheredLinear)
     assert attn.k_norm.gather is not None and attn.k_norm.weight.shape == (16,)  # both key heads, once each
@@ -63,7 +45,7 @@ def test_uneven_groups_under_a_whole_projection_key_norm_equal_masking():
 def test_random_masks_under_grouped_whole_projection_norms_equal_masking(seed):
     model = tiny_model("olmo2", **GQA)
     anatomy = adapter_for(model).anatomy(model)
-    _equal_to_masked(model, random_keep(anatomy, seed, 0.5, empty_layer=seed % 3), seed)
+    compact_equal_to_masked(model, random_keep(anatomy, seed, 0.5, empty_layer=seed % 3), seed)
 
 
 def test_the_self_check_passes_on_grouped_whole_projection_norms():

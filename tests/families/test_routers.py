@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 from gisp_plugin.adapters.api import adapter_for
 from gisp_plugin.adapters.self_check import self_check
 from gisp_plugin.checkpoint.saving import count_params, save_pruned
-from gisp_plugin.masking.masked_model import MaskedModel
 from gisp_plugin.pruning import run_method
+from tests.compaction_check import compact_equal_to_masked
 from tests.tiny import ROUTER_FAMILIES, random_ids, random_keep, record_for, tiny_model
 
 FAMILIES = sorted(ROUTER_FAMILIES)
@@ -69,18 +69,7 @@ def test_compaction_equals_masking_with_experts_removed(family, seed):
     if family == "phimoe":  # its sparse mixer always picks two experts: one live expert gives NaN, masked or compacted
         keep = _two_live_experts_or_none(anatomy, keep)
     assert any(not bool(kind.router_rows.alive(keep[i, "expert_channel"]).all()) for i, kind in _routed(anatomy))
-    ids = random_ids(2, 10, seed)
-    with MaskedModel(model, anatomy) as masked, torch.no_grad():
-        masked.apply(keep)
-        expected = model(ids).logits
-        expected_tokens = model.generate(ids[:1], max_new_tokens=5, do_sample=False)
-    compact = adapter.compact(model, keep)
-    with torch.no_grad():
-        torch.testing.assert_close(compact(ids).logits, expected, rtol=1e-5, atol=1e-5)
-        prefix = compact(ids[:, :-1], use_cache=True)
-        step = compact(ids[:, -1:], cache=prefix.cache).logits[:, -1]
-        torch.testing.assert_close(step, expected[:, -1], rtol=1e-5, atol=1e-5)
-        assert torch.equal(compact.generate(ids[:1], max_new_tokens=5, do_sample=False), expected_tokens)
+    compact = compact_equal_to_masked(model, keep, seed)
     assert count_params(compact)["decoder"] == anatomy.params_kept(keep)
 
 
