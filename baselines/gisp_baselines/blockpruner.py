@@ -19,6 +19,9 @@ Options:
 - ``block_type`` (``mix`` | ``attention`` | ``mlp``, default ``mix``): which blocks are candidates (the
   reference's ``--block-type``, whose ``mha`` is our ``attention``).
 - ``batch_size`` (default 8): calibration sequences per forward pass; results do not depend on it.
+- ``prefix_replay`` (default true): measure each candidate from its first layer on, the layers below
+  replaying one recorded pass (``perplexity_search``); false runs full passes, the reference's way, without
+  the memory of one layer's output per calibration batch. Results do not depend on it.
 
 Where we differ from the reference, and why:
 - The reference drops a removed attention block's input norm (and an MLP block's post-attention norm)
@@ -32,7 +35,8 @@ Where we differ from the reference, and why:
   (``--calibration`` chooses another).
 
 Cost: one calibration pass per candidate per removed block, about ``2L * k`` passes to remove ``k`` blocks
-of ``L`` layers; under torchrun each rank measures its share (``perplexity_search``).
+of ``L`` layers, each from the block's layer on (the layers below replay one recorded pass, about half the
+work of full passes with the same perplexities); under torchrun each rank measures its share (``perplexity_search``).
 
 Sample: ``gisp prune --model HuggingFaceTB/SmolLM2-135M --method blockpruner --sparsity 0.2,0.3``.
 """
@@ -61,6 +65,7 @@ class BlockPrunerOptions:
 
     block_type: Literal["mix", "attention", "mlp"] = "mix"
     batch_size: int = 8
+    prefix_replay: bool = True
 
     def __post_init__(self) -> None:  # checked when the options are parsed, before any model is loaded
         if self.block_type not in BLOCK_TYPES:
@@ -126,6 +131,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
         done=lambda removed: job.anatomy.sparsity(without_blocks(job.anatomy, removed)) >= max(job.targets),
         batch_size=options.batch_size,
         pad_id=pad_token_id(job.tokenizer),
+        first_layer=(lambda block: block[1]) if options.prefix_replay else None,
         label=_label,
     )
     order = [step.removed for step in steps]

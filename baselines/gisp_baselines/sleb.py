@@ -18,6 +18,9 @@ Options:
   the layers still present are never candidates, as in the reference code (its defaults); 0 and 0 lets
   the search consider every layer.
 - ``batch_size`` (default 8): calibration sequences per forward pass; results do not depend on it.
+- ``prefix_replay`` (default true): measure each candidate from its first layer on, the layers below
+  replaying one recorded pass (``perplexity_search``); false runs full passes, the reference's way, without
+  the memory of one layer's output per calibration batch. Results do not depend on it.
 
 Calibration: the paper's 128 sequences of 2048 tokens of WikiText-2 (``wikitext2``, 128 x 2048). The
 reference code joins the first 128 rows of the shuffled WikiText-2 training split (many of them empty)
@@ -26,7 +29,9 @@ source as every other method here does. Its score is the summed NLL over those e
 exactly as the perplexity over all predicted tokens we use (``perplexity_search``).
 
 Cost: one calibration pass per candidate per removed layer, about ``L * k`` passes to remove ``k`` of ``L``
-layers; under torchrun each rank measures its share of the calibration set (``perplexity_search``).
+layers, each from the candidate's layer on (the layers below it replay one recorded pass, about half the
+work of full passes with the same perplexities); under torchrun each rank measures its share of the
+calibration set (``perplexity_search``).
 
 Sample: ``gisp prune --model HuggingFaceTB/SmolLM2-135M --method sleb --sparsity 0.2,0.3``.
 """
@@ -51,6 +56,7 @@ class SlebOptions:
     early_barrier: int = 1
     latter_barrier: int = 1
     batch_size: int = 8
+    prefix_replay: bool = True
 
     def __post_init__(self) -> None:  # checked when the options are parsed, before any model is loaded
         for name in ("early_barrier", "latter_barrier"):
@@ -87,6 +93,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
         done=lambda removed: job.anatomy.sparsity(without_layers(job.anatomy, removed)) >= max(job.targets),
         batch_size=options.batch_size,
         pad_id=pad_token_id(job.tokenizer),
+        first_layer=(lambda layer: layer) if options.prefix_replay else None,
     )
     order = [step.removed for step in steps]
     counts = [layers_for_target(job.anatomy, order, target) for target in job.targets]
