@@ -131,6 +131,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
         done=lambda removed: job.anatomy.sparsity(without_blocks(job.anatomy, removed)) >= max(job.targets),
         batch_size=options.batch_size,
         pad_id=pad_token_id(job.tokenizer),
+        progress="blockpruner",
         first_layer=(lambda block: block[1]) if options.prefix_replay else None,
         label=_label,
     )

@@ -34,10 +34,13 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
 
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.calibration.recorder import batch_size_for
 from gisp_plugin.data.api import CalibrationSet
+from gisp_plugin.distributed.context import current_setup
 from gisp_plugin.distributed.data_parallel import merged_over_ranks, rank_share
 from gisp_plugin.finite import NonFiniteError
 from gisp_plugin.methods.api import PruningJob
@@ -90,10 +93,11 @@ def calibration_nll(model: nn.Module, calibration: CalibrationSet, batch_size: i
     share, _ = rank_share(calibration)
     totals = CalibrationNll()
     device = next(model.parameters()).device
-    for batch in share.batches(batch_size_for(share, batch_size), pad_id):
-        batch = batch.to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        totals.update(logits, batch.input_ids, batch.attention_mask)
+    with parametrize.cached():  # a masked weight is computed once per pass, not once per batch
+        for batch in share.batches(batch_size_for(share, batch_size), pad_id):
+            batch = batch.to(device)
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            totals.update(logits, batch.input_ids, batch.attention_mask)
     return merged_over_ranks({"nll": totals})["nll"]
 
 
@@ -161,9 +165,10 @@ class PrefixReplay:
 
         handle = self.layers[start - 1].register_forward_hook(record)
         try:
-            for index in range(len(self.batches)):
-                with suppress(_PrefixDone):
-                    self._forward(index)
+            with parametrize.cached():
+                for index in range(len(self.batches)):
+                    with suppress(_PrefixDone):
+                        self._forward(index)
         finally:
             handle.remove()
         self.start, self.outputs = start, recorded
@@ -173,8 +178,9 @@ class PrefixReplay:
         """NLL sums of the model as it is now over this rank's batches, merged over ranks; the layers below
         ``start`` must be those of the step's model."""
         totals = CalibrationNll()
-        for index, batch in enumerate(self.batches):
-            totals.update(self._forward(index).logits, batch.input_ids, batch.attention_mask)
+        with parametrize.cached():
+            for index, batch in enumerate(self.batches):
+                totals.update(self._forward(index).logits, batch.input_ids, batch.attention_mask)
         return merged_over_ranks({"nll": totals})["nll"]
 
 
@@ -194,6 +200,7 @@ def _step_by_replay(
     keep_without: Callable[[list[Candidate]], KeepMask],
     first_layer: Callable[[Candidate], int],
     replay: PrefixReplay,
+    bar: tqdm,
 ) -> list[float]:
     """The mean NLL without each of ``options`` (on top of ``removed``), measured in the order of their first layer."""
     means = [math.nan] * len(options)
@@ -203,6 +210,7 @@ def _step_by_replay(
             replay.advance(first_layer(options[index]))
         job.masked.apply(keep_without([*removed, options[index]]))
         means[index] = replay.nll().mean
+        bar.update(1)
     return means
 
 
@@ -232,6 +240,7 @@ def greedy_removal(
     pad_id: int,
     first_layer: Callable[[Candidate], int] | None,
     label: Callable[[Candidate], str] = str,
+    progress: str | None = None,
 ) -> list[SearchStep]:
     """Remove candidates one at a time until ``done(removed)``, each time the one whose removal (on top of
     those already removed) gives the lowest calibration perplexity; ties go to the earlier candidate.
@@ -239,7 +248,7 @@ def greedy_removal(
     ``candidates(removed)`` lists what may go next, in order; ``keep_without(removed)`` is the subnetwork
     without them; ``first_layer(candidate)`` is the lowest decoder layer its removal changes (the model
     below it is shared, ``PrefixReplay``; None: full passes). Each step costs one calibration pass per
-    candidate, from its first layer on.
+    candidate, from its first layer on. ``progress`` names a bar over each step's passes (rank 0, a terminal).
     """
     layers = job.adapter.decoder_layers(job.model)
     removed: list[Candidate] = []
@@ -249,20 +258,25 @@ def greedy_removal(
         options = list(candidates(removed))
         if not options:
             break
+        hidden = True if progress is None or not current_setup().is_main else None
+        bar = tqdm(total=len(options), desc=f"{progress}: removal {len(removed) + 1}", leave=False, disable=hidden)
         if replays:
             replay = PrefixReplay(job.model, layers, job.calibration, batch_size, pad_id)
-            means = _step_by_replay(job, options, removed, keep_without, first_layer, replay)
+            means = _step_by_replay(job, options, removed, keep_without, first_layer, replay, bar)
             first_step = not steps
             if first_step and not _replay_matches_full_pass(
                 job, options, removed, keep_without, means, first_layer, batch_size, pad_id
             ):
                 log.warning("the %s model is not a plain chain of decoder layers: full passes", job.anatomy.adapter)
                 replays = False
+                bar.reset()
         if not replays:
             means = []
             for candidate in options:
                 job.masked.apply(keep_without([*removed, candidate]))
                 means.append(calibration_nll(job.model, job.calibration, batch_size, pad_id).mean)
+                bar.update(1)
+        bar.close()
         best = min(range(len(options)), key=lambda i: (means[i], i))
         removed.append(options[best])
         tried = {label(candidate): math.exp(mean) for candidate, mean in zip(options, means, strict=True)}

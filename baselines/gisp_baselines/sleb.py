@@ -93,6 +93,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
         done=lambda removed: job.anatomy.sparsity(without_layers(job.anatomy, removed)) >= max(job.targets),
         batch_size=options.batch_size,
         pad_id=pad_token_id(job.tokenizer),
+        progress="sleb",
         first_layer=(lambda layer: layer) if options.prefix_replay else None,
     )
     order = [step.removed for step in steps]
