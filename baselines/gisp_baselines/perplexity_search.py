@@ -20,6 +20,9 @@ this on one candidate and falls back to full passes, with a warning, where the m
 chain of layers (a hook that changes a layer's output, say). It removes about half the decoder work:
 ``L`` layers cost ``L / 2`` per candidate on average instead of ``L``; the memory is one layer's output
 for this rank's calibration share.
+
+With a work folder (``gisp prune``'s run folder, ``gisp compare``'s ``--out``) every finished removal is
+saved (``search-state.json``), so an interrupted search resumes after its last finished removal.
 """
 
 from __future__ import annotations
@@ -39,14 +42,17 @@ from tqdm.auto import tqdm
 
 from gisp_plugin.anatomy.structures import KeepMask
 from gisp_plugin.calibration.recorder import batch_size_for
+from gisp_plugin.checkpoint.method_state import job_fingerprint, read_state, write_state
 from gisp_plugin.data.api import CalibrationSet
 from gisp_plugin.distributed.context import current_setup
-from gisp_plugin.distributed.data_parallel import merged_over_ranks, rank_share
+from gisp_plugin.distributed.data_parallel import from_main, merged_over_ranks, rank_share
 from gisp_plugin.finite import NonFiniteError
 from gisp_plugin.methods.api import PruningJob
 
 Candidate = TypeVar("Candidate")
 log = logging.getLogger(__name__)
+STATE_FILE = "search-state.json"
+STATE_FORMAT = "perplexity-search/1"
 # a recorded prefix must give a full pass's mean NLL to this relative precision (identical kernels give it exactly)
 REPLAY_RTOL = 1e-6
 
@@ -231,6 +237,38 @@ def _replay_matches_full_pass(
     return abs(means[index] - full) <= REPLAY_RTOL * abs(full)
 
 
+def _resumed(
+    job: PruningJob,
+    fingerprint: str,
+    candidates: Callable[[list[Candidate]], Sequence[Candidate]],
+    done: Callable[[list[Candidate]], bool],
+    label: Callable[[Candidate], str],
+) -> list[SearchStep]:
+    """The steps an interrupted identical search saved in the work folder (rank 0 reads), as far as this
+    search goes; each recorded removal must be one of that step's candidates."""
+    state = from_main(lambda: read_state(job.work_dir, STATE_FILE, STATE_FORMAT, fingerprint))
+    removed: list[Candidate] = []
+    steps: list[SearchStep] = []
+    for entry in (state or {}).get("steps", []):
+        if done(removed):
+            break
+        by_label = {label(candidate): candidate for candidate in candidates(removed)}
+        if entry.get("removed") not in by_label:
+            log.warning("ignoring %s: step %d is not one of its candidates; starting over", STATE_FILE, len(steps) + 1)
+            return []
+        removed.append(by_label[entry["removed"]])
+        steps.append(SearchStep(removed[-1], entry["perplexity"], entry["tried"]))
+    if steps:
+        log.info("%s: resuming from %s after %d removals", job.anatomy.adapter, job.work_dir, len(steps))
+    return steps
+
+
+def _save(job: PruningJob, fingerprint: str, steps: list[SearchStep], label: Callable[[Candidate], str]) -> None:
+    if current_setup().is_main:
+        fields = {"steps": [{"removed": label(s.removed), "perplexity": s.perplexity, "tried": s.tried} for s in steps]}
+        write_state(job.work_dir, STATE_FILE, STATE_FORMAT, fingerprint, fields)
+
+
 def greedy_removal(
     job: PruningJob,
     candidates: Callable[[list[Candidate]], Sequence[Candidate]],
@@ -249,11 +287,14 @@ def greedy_removal(
     without them; ``first_layer(candidate)`` is the lowest decoder layer its removal changes (the model
     below it is shared, ``PrefixReplay``; None: full passes). Each step costs one calibration pass per
     candidate, from its first layer on. ``progress`` names a bar over each step's passes (rank 0, a terminal).
+    With a work folder the steps are saved as they finish (``STATE_FILE``), and a rerun of the same search
+    (same weights, options and data; any targets) starts after them.
     """
     layers = job.adapter.decoder_layers(job.model)
-    removed: list[Candidate] = []
-    steps: list[SearchStep] = []
-    replays = first_layer is not None
+    fingerprint = job_fingerprint(job, with_targets=False)
+    steps = _resumed(job, fingerprint, candidates, done, label)
+    removed = [step.removed for step in steps]
+    replays, checked = first_layer is not None, False
     while not done(removed):
         options = list(candidates(removed))
         if not options:
@@ -263,13 +304,13 @@ def greedy_removal(
         if replays:
             replay = PrefixReplay(job.model, layers, job.calibration, batch_size, pad_id)
             means = _step_by_replay(job, options, removed, keep_without, first_layer, replay, bar)
-            first_step = not steps
-            if first_step and not _replay_matches_full_pass(
+            if not checked and not _replay_matches_full_pass(
                 job, options, removed, keep_without, means, first_layer, batch_size, pad_id
             ):
                 log.warning("the %s model is not a plain chain of decoder layers: full passes", job.anatomy.adapter)
                 replays = False
                 bar.reset()
+            checked = True
         if not replays:
             means = []
             for candidate in options:
@@ -281,5 +322,6 @@ def greedy_removal(
         removed.append(options[best])
         tried = {label(candidate): math.exp(mean) for candidate, mean in zip(options, means, strict=True)}
         steps.append(SearchStep(options[best], math.exp(means[best]), tried))
+        _save(job, fingerprint, steps, label)
     job.masked.apply(keep_without(removed))
     return steps

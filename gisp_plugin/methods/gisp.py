@@ -60,8 +60,6 @@ time up to it across interruptions, so a resumed run reports its whole pruning t
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -75,6 +73,7 @@ from tqdm.auto import tqdm
 
 from gisp_plugin.anatomy.hidden import HIDDEN_BLOCK
 from gisp_plugin.anatomy.structures import HIDDEN_CHANNEL, MODEL_LEVEL, KeepMask, ModelAnatomy, StructureKind
+from gisp_plugin.checkpoint.method_state import job_fingerprint, read_state, write_state
 from gisp_plugin.checkpoint.trajectory import Trajectory
 from gisp_plugin.data.api import CalibrationSet
 from gisp_plugin.distributed.context import is_main_process
@@ -92,7 +91,6 @@ from gisp_plugin.importance.structure_scores import kind_scores, model_scores
 from gisp_plugin.importance.taylor import needs_squares, salience
 from gisp_plugin.methods.api import CalibrationDefaults, MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.methods.gisp_schedules import SCHEDULES, Cut, Schedule, step_cuts
-from gisp_plugin.methods.options import options_to_dict
 from gisp_plugin.plugins import hookimpl
 from gisp_plugin.plugins.manager import lookup
 
@@ -549,45 +547,15 @@ def cut_to(anatomy: ModelAnatomy, ranked: Scores, sparsity: float, groups: Group
 # --- resume state ----------------------------------------------------------------------------------------
 
 
-def run_fingerprint(job: PruningJob) -> str:
-    """A hash of everything a step's result depends on: weights, options (schedule included),
-    calibration data, targets, seed, the run's shape constraint (``job.anatomy.shape``). The cuts follow
-    from these (an adaptive schedule's from the losses)."""
-    digest = hashlib.sha256()
-    for path in weight_paths(job.anatomy, include_dependents=True):
-        tensor = weight_tensor(job.model, path).detach()
-        digest.update(
-            f"{path}:{tuple(tensor.shape)}:{float(tensor.double().sum())!r}:{float(tensor.double().abs().sum())!r}".encode()
-        )
-    calibration = job.calibration
-    for sequence, mask, polarity in zip(calibration.sequences, calibration.loss_masks, calibration.polarity, strict=True):
-        digest.update(sequence.to(torch.int64).numpy().tobytes() + mask.to(torch.uint8).numpy().tobytes())
-        digest.update(str(polarity).encode())
-    meta = {
-        "options": options_to_dict(job.options),
-        "calibration": calibration.name,
-        "targets": list(job.targets),
-        "seed": job.seed,
-        "dtype": str(next(job.model.parameters()).dtype),
-        "shape": job.anatomy.shape,
-    }
-    digest.update(json.dumps(meta, sort_keys=True).encode())
-    return digest.hexdigest()
-
-
 def load_state(work_dir: Path | None, fingerprint: str, anatomy: ModelAnatomy) -> Trajectory | None:
     """The finished steps of an interrupted identical run, if ``work_dir`` holds them; else ``None``."""
-    path = Path(work_dir) / STATE_FILE if work_dir is not None else None
-    if path is None or not path.exists():
+    state = read_state(work_dir, STATE_FILE, STATE_FORMAT, fingerprint)
+    if state is None:
         return None
     try:
-        state = json.loads(path.read_text())
-        if state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
-            log.warning("ignoring %s: it is from a different run (model, options, data or targets differ); starting over", path)
-            return None
         return Trajectory.from_json(state["trajectory"], anatomy)
     except (ValueError, KeyError) as err:
-        log.warning("ignoring %s (%s); starting over", path, err)
+        log.warning("ignoring %s (%s); starting over", Path(work_dir) / STATE_FILE, err)
         return None
 
 
@@ -621,17 +589,6 @@ def resumable_state(
     return done
 
 
-def save_state(work_dir: Path | None, fingerprint: str, trajectory: Trajectory) -> None:
-    """Write the finished steps atomically (a crash mid-write leaves the previous state intact)."""
-    if work_dir is None:
-        return
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    tmp = work_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps({"format": STATE_FORMAT, "fingerprint": fingerprint, "trajectory": trajectory.to_json()}))
-    tmp.replace(work_dir / STATE_FILE)
-
-
 # --- the method ------------------------------------------------------------------------------------------
 
 
@@ -644,7 +601,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
     protected = protected_layers(len(anatomy.layers), options.protect)
     groups = ranking_groups(anatomy, options.groupings)
     schedule = options.schedule_for(max(job.targets))
-    fingerprint = run_fingerprint(job)
+    fingerprint = job_fingerprint(job)
     pad_token_id = getattr(job.tokenizer, "pad_token_id", None) or 0
     divisor = hidden_divisor(anatomy, options) if options.ranks_hidden else 0
 
@@ -703,7 +660,7 @@ def run(job: PruningJob) -> Iterator[Subnetwork]:
                     reached.append((cut.target, keep, info))
             start = cuts[-1].sparsity
             if is_main_process():
-                save_state(job.work_dir, fingerprint, job.trajectory)
+                write_state(job.work_dir, STATE_FILE, STATE_FORMAT, fingerprint, {"trajectory": job.trajectory.to_json()})
             bar.set_postfix(sparsity=f"{anatomy.sparsity(keep):.4f}", loss=f"{sums.loss:.4f}")
             bar.update(1)
             log.debug("gisp step %d/%d: loss %.4f at sparsity %.4f", step + 1, options.steps, sums.loss, sparsity)
