@@ -14,10 +14,11 @@ sys.path.insert(0, str(BENCHMARKS))
 import study_ablations  # noqa: E402
 import study_claims  # noqa: E402
 import study_cost  # noqa: E402
+import study_methods  # noqa: E402
 from study_runs import Variant, load_base, results_folder, variant_config  # noqa: E402
 
 
-@pytest.mark.parametrize("script", [study_claims, study_ablations, study_cost])
+@pytest.mark.parametrize("script", [study_claims, study_ablations, study_cost, study_methods])
 def test_help(script, capsys):
     with pytest.raises(SystemExit) as exit_info:
         script.parse_args(["--help"])
@@ -127,3 +128,20 @@ def test_without_tasks_recomputes_the_mean_and_its_error_over_the_kept_tasks():
     assert mean_acc_stderr(kept) == pytest.approx((0.03**2 + 0.04**2) ** 0.5 / 2)
     assert row.metrics["mean_acc"] == 0.7 and "boolq" in tasks  # the original is untouched
     assert without_tasks(row, frozenset()).metrics["mean_acc"] == 0.7
+
+
+def test_new_methods_against_gisp_on_a_tiny_model(tiny_study, capsys):
+    """study_methods.py: every row beside GISP's at the same target, the difference and its error computed
+    from the rows' own perplexities and standard errors."""
+    root, config = tiny_study
+    out = root / "methods"
+    study_methods.main(["--config", str(config), "--out", str(out), "--variants", "gisp,gisp+hidden,slimgpt"])
+    saved = json.loads((out / "methods.json").read_text())
+    rows = {(r["label"], r["target"]): r for r in saved["rows"][1:]}
+    assert {label for label, _ in rows} == {"gisp", "gisp+hidden", "slimgpt"}
+    assert len(saved["against_gisp"]) == 4  # gisp+hidden and slimgpt at 20% and 40%
+    for diff in saved["against_gisp"]:
+        gisp = rows[("gisp", diff["target"])]
+        assert diff["ppl_minus_gisp"] == pytest.approx(diff["ppl"] - gisp["ppl"], rel=1e-12)
+        assert diff["ppl_minus_gisp_se"] > 0
+    assert "Against GISP at the same target" in capsys.readouterr().out
