@@ -183,6 +183,9 @@ class PruneRequest:
                 f"method {self.spec.name!r} does not run on a model sharded with --fsdp; "
                 "run it data parallel (torchrun without --fsdp)"
             )
+        why = self.spec.sharded_refusal(self.method_options) if self.spec.sharded_refusal else None
+        if why:
+            raise InputError(f"method {self.spec.name!r}: {why}; run it data parallel (torchrun without --fsdp)")
 
     def record(self) -> dict[str, Any]:
         """What makes two runs the same run (``run.json``): rerunning it into its folder resumes instead of refusing.

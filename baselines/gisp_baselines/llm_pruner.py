@@ -37,7 +37,7 @@ from gisp_baselines.taylor import gradient_weight_paths, group_scores
 from gisp_baselines.walk import pad_token_id
 from gisp_plugin.anatomy.structures import ModelAnatomy
 from gisp_plugin.importance.gradients import accumulate_gradients
-from gisp_plugin.importance.taylor import needs_squares
+from gisp_plugin.importance.taylor import needs_squares, sharding_refusal
 from gisp_plugin.importance.uniform import keep_lowest, ratio_for_target
 from gisp_plugin.methods.api import CalibrationDefaults, MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.plugins import hookimpl
@@ -113,6 +113,7 @@ LLM_PRUNER = MethodSpec(
     calibration=CalibrationDefaults(source="c4", n_samples=10, seqlen=64),
     nested=True,
     shardable=True,
+    sharded_refusal=sharding_refusal,
     max_sparsity=max_sparsity,
 )
 

@@ -16,7 +16,7 @@ sums first); that reduction belongs to each method, this module gives the elemen
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -27,6 +27,15 @@ SECOND_ORDER = ("param_second", "param_mix")
 def needs_squares(variant: str) -> bool:
     """Whether ``variant`` reads the per-sample squared gradients (one sequence per backward)."""
     return variant in SECOND_ORDER
+
+
+def sharding_refusal(options: Any) -> str | None:
+    """Why a method's options cannot score a model sharded with FSDP (``MethodSpec.sharded_refusal``): the
+    second-order ``taylor`` variants square each sample's own gradient, which sharded ranks never hold."""
+    variant = getattr(options, "taylor", None)
+    if variant is not None and needs_squares(variant):
+        return f"taylor={variant} squares each sample's own gradients, which no rank holds whole under --fsdp"
+    return None
 
 
 def salience(weight: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor | None, variant: str) -> torch.Tensor:

@@ -89,7 +89,8 @@ class MethodSpec:
     ``max_sparsity(anatomy, options)`` tells the largest reachable target (protected layers count);
     ``nested`` says whether one run's subnetworks are nested, so that a trajectory describes them all;
     ``shardable`` says whether the method runs on a model sharded with FSDP2 (``gisp prune --fsdp``): true
-    for methods that score through the gradient engine and ``model_scores``, which handle sharded tensors.
+    for methods that score through the gradient engine and ``model_scores``, which handle sharded tensors;
+    ``sharded_refusal(options)`` says why some of its options cannot (None: they can), before any loading.
     ``check_options(anatomy, options)`` refuses options that cannot work on this model (GISP: more steps
     than prunable structures), with a ``ValueError`` that says what to give; run before any data is read.
     """
@@ -102,6 +103,7 @@ class MethodSpec:
     nested: bool = False
     max_sparsity: Callable[[ModelAnatomy, Any], float] | None = None
     shardable: bool = False
+    sharded_refusal: Callable[[Any], str | None] | None = None
     check_options: Callable[[ModelAnatomy, Any], None] | None = None
 
     def option_names(self) -> list[str]:

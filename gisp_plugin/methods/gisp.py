@@ -88,7 +88,7 @@ from gisp_plugin.importance.allocation import (
 )
 from gisp_plugin.importance.gradients import GradientSums, accumulate_gradients, weight_paths, weight_tensor
 from gisp_plugin.importance.structure_scores import kind_scores, model_scores
-from gisp_plugin.importance.taylor import needs_squares, salience
+from gisp_plugin.importance.taylor import needs_squares, salience, sharding_refusal
 from gisp_plugin.methods.api import CalibrationDefaults, MethodSpec, PruningJob, Subnetwork
 from gisp_plugin.methods.gisp_schedules import SCHEDULES, Cut, Schedule, step_cuts
 from gisp_plugin.plugins import hookimpl
@@ -684,6 +684,7 @@ GISP = MethodSpec(
     calibration=CalibrationDefaults("c4", 2000, 256),
     nested=True,
     shardable=True,
+    sharded_refusal=sharding_refusal,
     max_sparsity=max_sparsity,
     check_options=check_options,
 )

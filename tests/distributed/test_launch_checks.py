@@ -123,3 +123,18 @@ def test_a_method_that_cannot_score_a_sharded_model_is_refused_under_fsdp(rank, 
         "run it data parallel (torchrun without --fsdp)"
     ]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("method", ["gisp", "llm_pruner"])
+def test_second_order_taylor_is_refused_under_fsdp_before_the_model_is_loaded(rank, tmp_path, capsys, method):
+    """Per-sample squared gradients need each sample's whole gradient, which no FSDP rank holds: the refusal
+    comes from the options alone (the model folder does not exist), not from the gradient engine mid-run."""
+    rank(0)
+    out = tmp_path / "out"
+    args = ["prune", "--model", str(tmp_path / "no-such-model"), "--method", method, "--sparsity", "0.2", "--fsdp"]
+    assert main([*args, "-o", "taylor=param_mix", "--out", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"gisp prune: error: method {method!r}: taylor=param_mix squares each sample's own gradients, which no rank "
+        "holds whole under --fsdp; run it data parallel (torchrun without --fsdp)"
+    ]
+    assert not out.exists()
