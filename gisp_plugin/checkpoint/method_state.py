@@ -25,7 +25,12 @@ log = logging.getLogger(__name__)
 
 def job_fingerprint(job: PruningJob, with_targets: bool = True) -> str:
     """A hash of the weights, options, calibration data, seed, dtype and shape constraint of ``job`` (and its
-    targets, unless ``with_targets`` is false: for a search whose steps do not depend on where it stops)."""
+    targets, unless ``with_targets`` is false: for a search whose steps do not depend on where it stops).
+
+    Without a work folder no state is read or written, so the hash (a pass over every weight) is skipped: ``""``.
+    """
+    if job.work_dir is None:
+        return ""
     digest = hashlib.sha256()
     for path in weight_paths(job.anatomy, include_dependents=True):
         tensor = weight_tensor(job.model, path).detach()
