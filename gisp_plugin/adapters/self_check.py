@@ -83,17 +83,22 @@ def _copy_with_layers(model: PreTrainedModel, adapter: ArchitectureAdapter, seed
     return small
 
 
-def _random_keep(anatomy: ModelAnatomy, blocks: set[str], generator: torch.Generator) -> KeepMask:
+def _random_keep(anatomy: ModelAnatomy, blocks: set[str], generator: torch.Generator, empty_first: bool = True) -> KeepMask:
     """Every unit of the given blocks kept with probability 1/2 (at least one removed), the first layer's
-    first such block emptied; other blocks whole."""
+    first such block emptied unless ``empty_first`` is false; other blocks whole. Where the units live in
+    routed experts, one whole expert of every layer not emptied goes too, so the router runs over fewer experts
+    than it was built for, as in a real run (a router that groups its experts fails here, not hours later)."""
     keep = KeepMask.dense(anatomy)
-    emptied = False
+    emptied = not empty_first
     for layer, name in anatomy.units():
         kind = anatomy.kind(layer, name)
         if kind.block not in blocks:
             continue
         flags = torch.rand(kind.count, generator=generator) < 0.5
         flags[int(torch.randint(kind.count, (1,), generator=generator))] = False
+        experts = kind.router_rows
+        if experts is not None and len(experts.readers) > 1:
+            flags[list(experts.readers[int(torch.randint(len(experts.readers), (1,), generator=generator))])] = False
         if not emptied:
             flags[:] = False
             emptied = True
@@ -143,11 +148,16 @@ def self_check(model: PreTrainedModel, adapter: ArchitectureAdapter, seed: int =
         ) from None
     blocks = sorted({kind.block for layer in anatomy.layers for kind in layer.kinds.values()})
     for block in blocks:
-        names = ", ".join(sorted({k.name for layer in anatomy.layers for k in layer.kinds.values() if k.block == block}))
+        kinds = [k for layer in anatomy.layers for k in layer.kinds.values() if k.block == block]
+        names = ", ".join(sorted({k.name for k in kinds}))
+        # routed experts: once with a layer's experts all gone, once with whole experts gone from every layer
+        emptying = (True, False) if any(k.router_rows is not None for k in kinds) else (True,)
         try:
-            problem = _difference(small, adapter, anatomy, _random_keep(anatomy, {block}, generator), ids)
-        except Exception as err:  # any failure to build or run the compacted copy is what the check reports
-            problem = f"compacting them failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+            keeps = (_random_keep(anatomy, {block}, generator, empty_first) for empty_first in emptying)
+            problem = next(filter(None, (_difference(small, adapter, anatomy, keep, ids) for keep in keeps)), None)
+        except Exception as err:  # any failure to build or run the masked or compacted copy is what the check reports
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            problem = f"running the masked or the compacted copy failed ({reason})"
         if problem is not None:
             raise SelfCheckError(
                 f"model type {model_type!r}: the {names} read off its {block} modules were not understood: {problem} "

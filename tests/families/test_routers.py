@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gisp_plugin.adapters.api import adapter_for
-from gisp_plugin.adapters.self_check import self_check
+from gisp_plugin.adapters.self_check import SelfCheckError, self_check
 from gisp_plugin.checkpoint.saving import count_params, save_pruned
 from gisp_plugin.pruning import run_method
 from tests.compaction_check import compact_equal_to_masked
@@ -134,3 +134,14 @@ def test_layers_are_removable_only_where_renumbering_keeps_every_layer_its_kind(
             list(run_method(model, None, "shortgpt", [0.3], {}, calibration=None))
     else:
         assert anatomy.whole_layer(0).count == 1
+
+
+def test_a_router_that_groups_its_experts_is_refused_before_any_calibration():
+    """DeepSeek-V3-style group-limited routing (``n_group`` > 1) reshapes the router's scores into equal groups of
+    contiguous experts; once an expert is gone it runs on no longer (``topk`` out of range), masked or compacted.
+    The self-check removes whole experts, so such a model is refused in one line before calibration, not after it
+    when the first expert goes. The published GLM-4.5 (one group) passes the same check."""
+    grouped = tiny_model("glm4_moe", n_group=2, topk_group=1)
+    with pytest.raises(SelfCheckError, match=r"^model type 'glm4_moe': the expert_channel read off its expert_mlp modules"):
+        list(run_method(grouped, None, "random", [0.3], {}, calibration=None))
+    self_check(tiny_model("glm4_moe"), adapter_for(tiny_model("glm4_moe")))
