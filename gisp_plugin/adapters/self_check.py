@@ -152,9 +152,12 @@ def self_check(model: PreTrainedModel, adapter: ArchitectureAdapter, seed: int =
         names = ", ".join(sorted({k.name for k in kinds}))
         # routed experts: once with a layer's experts all gone, once with whole experts gone from every layer
         emptying = (True, False) if any(k.router_rows is not None for k in kinds) else (True,)
+        problem = None
         try:
-            keeps = (_random_keep(anatomy, {block}, generator, empty_first) for empty_first in emptying)
-            problem = next(filter(None, (_difference(small, adapter, anatomy, keep, ids) for keep in keeps)), None)
+            for empty_first in emptying:
+                problem = _difference(small, adapter, anatomy, _random_keep(anatomy, {block}, generator, empty_first), ids)
+                if problem is not None:
+                    break
         except Exception as err:  # any failure to build or run the masked or compacted copy is what the check reports
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             problem = f"running the masked or the compacted copy failed ({reason})"
